@@ -1,0 +1,62 @@
+"""Optimizers and learning-rate schedules from the config (optax).
+
+Gradient accumulation lives in `wm.step` (microbatches inside one jitted step,
+so the memory saving is visible to the compiler); precision lives in the
+models (parameters stored in `param_dtype`, matmuls in `compute_dtype`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+import optax
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup to `optim.lr`, then cosine, inverse-sqrt or constant.
+
+  Inverse-sqrt is the schedule of Vaswani et al. 2017: lr * sqrt(warmup / step)
+  after warmup, continuous at the end of warmup.
+  """
+  warmup = max(int(optim.warmup_steps), 0)
+  peak = float(optim.lr)
+  warm = optax.linear_schedule(0.0, peak, warmup) if warmup else optax.constant_schedule(peak)
+  if optim.schedule == "cosine":
+    decay_steps = max(total_steps - warmup, 1)
+    after = optax.cosine_decay_schedule(peak, decay_steps, alpha=float(optim.min_lr_ratio))
+  elif optim.schedule == "inverse_sqrt":
+    scale = max(warmup, 1)
+    after = lambda step: peak * (scale / (step + scale)) ** 0.5
+  else:
+    after = optax.constant_schedule(peak)
+  if not warmup:
+    return after
+  return optax.join_schedules([warm, after], boundaries=[warmup])
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """The config's optimizer with clipping and schedule.
+
+  Bytes of state per parameter (used by `wm.memory.estimate`): adamw 2
+  (first and second moments), sgd with momentum 1, adagrad 1, adafactor about
+  (rows + cols) / (rows * cols) for matrices (Shazeer & Stern 2018).
+  """
+  schedule = learning_rate_schedule(optim, total_steps)
+  if optim.name == "adamw":
+    opt = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay)
+  elif optim.name == "adafactor":
+    # multiply_by_parameter_scale=False keeps `lr` an absolute step size, as for the others.
+    opt = optax.adafactor(schedule, multiply_by_parameter_scale=False, weight_decay_rate=optim.weight_decay or None)
+  elif optim.name == "sgd":
+    opt = optax.sgd(schedule, momentum=optim.momentum or None)
+  elif optim.name == "adagrad":
+    opt = optax.adagrad(schedule, eps=max(optim.eps, 1e-10))
+  else:
+    raise ValueError(f"config.optim.name={optim.name!r} is not a known optimizer")
+  if optim.clip_norm > 0:
+    opt = optax.chain(optax.clip_by_global_norm(optim.clip_norm), opt)
+  return opt
+
+
+def optimizer_state_factor(name: str) -> float:
+  """Optimizer-state values per parameter value, for the analytic estimate."""
+  return {"adamw": 2.0, "sgd": 1.0, "adagrad": 1.0, "adafactor": 0.0}[name]
