@@ -103,6 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
   r.time_chunk = 0  # recurrent models: steps per remat chunk; 0 = no time remat, -1 = round(sqrt(T))
 
   c.mesh = ms = ml_collections.ConfigDict()
+  ms.num_devices = 0  # devices the mesh uses (the first N of jax.devices()); 0 = all
   ms.data = -1  # data-parallel axis size; -1 takes the devices left over
   ms.fsdp = 1  # parameters, gradients and optimizer state sharded over this axis (ZeRO-3)
   ms.tensor = 1  # Megatron-style tensor parallelism

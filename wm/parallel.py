@@ -77,7 +77,13 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> Mesh:
-  devices = list(jax.devices() if devices is None else devices)
+  if devices is None:
+    devices = jax.devices()
+    if mesh_config.num_devices:
+      if mesh_config.num_devices > len(devices):
+        raise ConfigError(f"config.mesh.num_devices={mesh_config.num_devices} but only {len(devices)} devices exist")
+      devices = devices[:mesh_config.num_devices]
+  devices = list(devices)
   sizes = mesh_shape(mesh_config, len(devices))
   shape = tuple(sizes[a] for a in AXES)
   if devices and devices[0].platform in ("tpu", "gpu") and len(devices) == len(jax.devices()):

@@ -53,6 +53,12 @@ class Setup:
     return {"inputs": sd(jnp.int32), "targets": sd(jnp.int32), "weights": sd(jnp.float32)}
 
 
+def _as_tuple(axes) -> tuple:
+  if axes is None:
+    return ()
+  return tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
+
+
 def _split(model: nnx.Module):
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   return graphdef, params, rest
@@ -83,6 +89,12 @@ def make_setup(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> S
   """Abstract state and shardings for `config` on `mesh` (all local devices by default)."""
   mesh = mesh or parallel.make_mesh(config.mesh)
   rules = parallel.rules(config)
+  batch_ways = math.prod(mesh.shape[a] for a in _as_tuple(dict(rules).get("batch")))
+  per_step = config.data.batch_size // config.optim.microbatches
+  if per_step % batch_ways:
+    raise parallel.ConfigError(
+        f"config.data.batch_size={config.data.batch_size} (over {config.optim.microbatches} microbatches) cannot be "
+        f"split over the {batch_ways} devices of the batch mesh axes; make each microbatch a multiple of {batch_ways}")
   tx = optim.make_optimizer(config.optim, config.train.steps)
 
   def init_abstract():

@@ -1,0 +1,76 @@
+"""Config loading, overrides and validation errors that name the field."""
+
+import glob
+import os
+
+import pytest
+
+from wm import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+
+
+def test_every_config_file_loads_and_validates():
+  paths = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+  assert len(paths) >= 4
+  for path in paths:
+    for arg in ("", ":quick"):
+      config = config_lib.validate(config_lib.load(path + arg))
+      assert config.model.name in config_lib.MODELS
+
+
+def test_override_parses_types():
+  c = config_lib.override(config_lib.base_config(), {"model.d": "256", "optim.lr": "3e-4",
+                                                     "model.tie_embeddings": "false"})
+  assert c.model.d == 256 and c.optim.lr == 3e-4 and c.model.tie_embeddings is False
+
+
+@pytest.mark.parametrize("assignments, field", [
+    ({"model.dd": "3"}, "model.dd"),
+    ({"nosuch.d": "3"}, "nosuch"),
+])
+def test_unknown_field_is_named(assignments, field):
+  with pytest.raises(config_lib.ConfigError, match=field):
+    config_lib.override(config_lib.base_config(), assignments)
+
+
+def test_wrong_type_is_named():
+  with pytest.raises(config_lib.ConfigError, match="model.d"):
+    config_lib.override(config_lib.base_config(), {"model.d": "wide"})
+  c = config_lib.base_config()
+  with pytest.raises(TypeError):  # ConfigDict itself keeps field types
+    c.model.d = "wide"
+
+
+@pytest.mark.parametrize("assignments, message", [
+    ({"model.d": -4}, "model.d"),
+    ({"model.heads": 3}, "heads=3 must divide d=128"),
+    ({"model.kv_heads": 3}, "kv_heads=3 must divide heads"),
+    ({"model.window": 1000}, "window=1000 is longer than data.seq_len"),
+    ({"optim.microbatches": 5}, "must divide data.batch_size"),
+    ({"data.num_kv_pairs": 40}, "need seq_len"),
+    ({"remat.policy": "sometimes"}, "remat.policy"),
+    ({"remat.policy": "save:"}, "names no tensors"),
+    ({"optim.name": "lion"}, "optim.name"),
+    ({"train.budget": "lots"}, "512MiB"),
+])
+def test_impossible_values_are_named(assignments, message):
+  c = config_lib.override(config_lib.base_config(), assignments)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(c)
+
+
+def test_text_sets_byte_vocabulary():
+  c = config_lib.override(config_lib.base_config(), {"data.task": "text"})
+  assert config_lib.validate(c).data.vocab_size == 256
+
+
+@pytest.mark.parametrize("text, expected", [("512MiB", 512 * 2**20), ("8GiB", 8 * 2**30), ("16GB", 16 * 10**9),
+                                            ("1e6", 10**6)])
+def test_parse_bytes(text, expected):
+  assert config_lib.parse_bytes(text) == expected
+
+
+def test_missing_config_file():
+  with pytest.raises(config_lib.ConfigError, match="does not exist"):
+    config_lib.load("configs/nope.py:quick")

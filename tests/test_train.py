@@ -1,0 +1,112 @@
+"""The training loop: learning, exact resume, accumulation, records, refusals."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from wm import config as config_lib
+from wm import step as step_lib
+from wm import train
+from tests.test_parallel import a_batch
+
+
+def tiny_config(tmp_path, model="transformer", steps=40, **overrides):
+  c = config_lib.base_config()
+  c.data.task = "mqar"
+  c.data.seq_len = 32
+  c.data.vocab_size = 64
+  c.data.num_kv_pairs = 4
+  c.data.batch_size = 16
+  c.data.train_size = 2000
+  c.data.eval_size = 64
+  c.data.data_dir = str(tmp_path / "tfds")
+  c.model.name = model
+  c.model.d = 32
+  c.model.layers = 2
+  c.model.heads = 2
+  c.model.kv_heads = 2
+  c.optim.lr = 3e-3
+  c.optim.warmup_steps = 5
+  c.train.steps = steps
+  c.train.log_every = 10
+  c.train.eval_every = 20
+  c.train.eval_batches = 2
+  c.train.checkpoint_every = 10
+  c.train.progress = False
+  c.mesh.num_devices = 1
+  c = config_lib.override(c, overrides)
+  return config_lib.validate(c)
+
+
+def read_records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("model", ["transformer", "lstm"])
+def test_gradient_accumulation_equals_one_batch(tmp_path, model):
+  results = []
+  for m in (1, 4):
+    config = tiny_config(tmp_path, model, **{"optim.microbatches": m})
+    setup = step_lib.make_setup(config)
+    state, metrics = step_lib.make_train_step(setup)(step_lib.init_state(setup),
+                                                     step_lib.global_batch(setup, a_batch(config)))
+    results.append((jax.device_get(state["params"]), float(metrics["loss"])))
+  (p1, l1), (p4, l4) = results
+  np.testing.assert_allclose(l4, l1, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_short_run_learns_and_leaves_records(tmp_path):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config(tmp_path, steps=60), workdir)
+  records = read_records(workdir)
+  train_lines = [r for r in records if r["split"] == "train"]
+  evals = [r for r in records if r["split"] == "eval"]
+  assert {"step", "split", "loss", "accuracy", "tokens_per_s"} <= set(train_lines[0])
+  assert evals[0]["step"] == 0 and evals[-1]["step"] == 60
+  assert train_lines[-1]["loss"] < train_lines[0]["loss"] - 0.3
+  assert os.path.exists(os.path.join(workdir, "config.json"))
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+  config = tiny_config(tmp_path, steps=30)
+  whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
+  first = train.train_and_evaluate(config, str(tmp_path / "parts"), stop_after_step=12)
+  assert first["step"] == 12
+  rest = train.train_and_evaluate(config, str(tmp_path / "parts"))
+  assert rest["step"] == 30
+  for a, b in zip(jax.tree.leaves(jax.device_get(whole["state"])), jax.tree.leaves(jax.device_get(rest["state"]))):
+    np.testing.assert_array_equal(a, b)
+  # the resumed run logged from step 13 on, not from 0 again
+  steps = [r["step"] for r in read_records(str(tmp_path / "parts")) if r["split"] == "train"]
+  assert steps == sorted(steps) and len(steps) == len(set(steps))
+
+
+def test_incompatible_workdir_is_refused_untouched(tmp_path):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config(tmp_path, steps=10), workdir)
+  before = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(workdir) for p in fs}
+  with pytest.raises(train.IncompatibleWorkdir, match="model.d: checkpoint 32, now 64"):
+    train.train_and_evaluate(tiny_config(tmp_path, steps=10, **{"model.d": 64}), workdir)
+  after = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(workdir) for p in fs}
+  assert before == after
+
+
+def test_corrupt_checkpoint_names_the_file(tmp_path):
+  workdir = tmp_path / "run"
+  config = tiny_config(tmp_path, steps=10)
+  train.train_and_evaluate(config, str(workdir))
+  ckpt = workdir / "checkpoints" / "10"
+  for path in ckpt.rglob("*"):
+    if path.is_file() and path.stat().st_size > 0 and "state" in str(path):
+      path.write_bytes(b"garbage")
+  with pytest.raises(RuntimeError, match=str(ckpt)):
+    train.train_and_evaluate(config_lib.override(config, {"train.steps": 20}), str(workdir))
+  assert ckpt.exists()  # nothing deleted
