@@ -209,7 +209,7 @@ def make_train_step(setup: Setup) -> Callable[[State, dict], tuple[State, dict]]
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = _finish(sums)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["lr"] = schedule(state["step"])
     new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
     return new_state, metrics

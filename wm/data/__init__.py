@@ -1,0 +1,10 @@
+"""Data: synthetic working-memory tasks and text, as TFDS datasets read through grain.
+
+    tasks.py     synthetic tasks, each example a function of (task config, split, index)
+    text.py      byte-level tokenizer, local corpora, packing documents into sequences
+    builders.py  TFDS builders for the tasks and local text (array_record, no TensorFlow)
+    pipeline.py  prepare(config), make_iterator(config, split, ...): sharded, resumable batches
+
+Submodules are imported by name (`from wm.data import pipeline`), so code that
+only needs the tasks does not pay for importing TFDS and grain.
+"""

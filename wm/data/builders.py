@@ -1,0 +1,179 @@
+"""TFDS builders for the datasets `wm` makes itself, prepared without TensorFlow.
+
+Two builders, each with one `BuilderConfig` per parameter set:
+
+- `WmSyntheticTasks`: the tasks of `wm.data.tasks`, one config per task
+  parameter set (`synthetic_config`); splits train (data.train_size examples)
+  and validation (data.eval_size). Record i of a split is
+  `tasks.example(data, split, i)`: shuffling at write time is off.
+- `WmTextFiles`: one document per text file, the file's raw bytes
+  (`text_files_config`): the interpreter's standard-library sources or the
+  files of data.text_files, split by a hash of each file's path
+  (`wm.data.text.split_files`).
+
+Config names carry a hash of everything that determines the records, so two
+parameter sets or file sets never share a directory, and a change to the
+generators (`tasks.GENERATOR_VERSION`) prepares afresh. Prepare with
+`builder.download_and_prepare(file_format="array_record")`, read with
+`builder.as_data_source()` or `tfds.builder_from_directory(path)`: neither
+needs TensorFlow (`tfds.load` and the default tfrecord format do).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from wm.data import tasks, text
+
+VERSION = "1.0.0"
+FILE_FORMAT = "array_record"
+
+
+def _short_hash(payload: Any) -> str:
+  return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
+
+
+@dataclasses.dataclass(eq=False)
+class SyntheticTaskConfig(tfds.core.BuilderConfig):
+  """One synthetic task parameter set.
+
+  Attributes:
+    params: `tasks.task_params(data)`: the task name and the fields that shape its examples.
+    train_size: examples in the train split.
+    eval_size: examples in the validation split.
+  """
+  params: dict[str, Any] = dataclasses.field(default_factory=dict)
+  train_size: int = 0
+  eval_size: int = 0
+
+
+def synthetic_config(data: Any) -> SyntheticTaskConfig:
+  """The builder config for the synthetic task described by the `data` config section."""
+  params = tasks.task_params(data)
+  key = {**params, "train_size": data.train_size, "eval_size": data.eval_size,
+         "generator_version": tasks.GENERATOR_VERSION}
+  name = f"{data.task}-t{data.seq_len}-v{data.vocab_size}-{_short_hash(key)}"
+  return SyntheticTaskConfig(name=name, version=VERSION, description=json.dumps(key, sort_keys=True),
+                             params=params, train_size=data.train_size, eval_size=data.eval_size)
+
+
+class WmSyntheticTasks(tfds.core.GeneratorBasedBuilder):
+  """Synthetic working-memory tasks (`wm.data.tasks`) as a TFDS dataset."""
+
+  VERSION = tfds.core.Version(VERSION)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    t = self.builder_config.params["seq_len"]
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=f"wm synthetic task {self.builder_config.description}",
+        features=tfds.features.FeaturesDict({
+            "inputs": tfds.features.Tensor(shape=(t,), dtype=np.int32),
+            "targets": tfds.features.Tensor(shape=(t,), dtype=np.int32),
+            "weights": tfds.features.Tensor(shape=(t,), dtype=np.float32),
+        }),
+        # Record i must be example i: the examples are already random, and
+        # index order is what makes them reproducible from (split, index).
+        disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download
+    c = self.builder_config
+    return {"train": self._generate_examples("train", c.train_size),
+            "validation": self._generate_examples("validation", c.eval_size)}
+
+  def _generate_examples(self, split: str, size: int):
+    data = types.SimpleNamespace(**self.builder_config.params)
+    for i in range(size):
+      yield i, tasks.example(data, split, i)
+
+
+@dataclasses.dataclass(eq=False)
+class TextFilesConfig(tfds.core.BuilderConfig):
+  """A set of text files.
+
+  Attributes:
+    root: folder the paths are relative to.
+    files: relative paths, sorted.
+  """
+  root: str = ""
+  files: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # hundreds: keep logs short
+
+
+def text_files_config(data: Any) -> TextFilesConfig:
+  """The builder config for `data.text_source` "stdlib" or "files"."""
+  if data.text_source == "stdlib":
+    root, files = text.stdlib_files()
+    name = f"stdlib-{text.stdlib_tag()}-{text.fingerprint(root, files)}"
+    description = f"standard-library sources under {root}"
+  elif data.text_source == "files":
+    root, files = text.user_files(data.text_files)
+    name = f"files-{text.fingerprint(root, files)}"
+    description = f"{len(files)} files under {root} ({data.text_files})"
+  else:
+    raise ValueError(f"data.text_source={data.text_source!r} is not a local source ('stdlib' or 'files')")
+  return TextFilesConfig(name=name, version=VERSION, description=description, root=root, files=files)
+
+
+class WmTextFiles(tfds.core.GeneratorBasedBuilder):
+  """Local text files as documents: `text` holds a file's bytes, `path` its relative path."""
+
+  VERSION = tfds.core.Version(VERSION)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=f"wm text files: {self.builder_config.description}",
+        features=tfds.features.FeaturesDict({"text": tfds.features.Text(), "path": tfds.features.Text()}),
+        disable_shuffling=True,  # documents in path order; the loader shuffles chunks
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(files)
+            for split, files in text.split_files(self.builder_config.files).items()}
+
+  def _generate_examples(self, files: list[str]):
+    for relative in files:
+      with open(os.path.join(self.builder_config.root, relative), "rb") as f:
+        # Raw bytes, not str: the tokenizer is byte-level, and some sources
+        # are not UTF-8 (a few stdlib modules declare latin-1).
+        yield relative, {"text": f.read(), "path": relative}
+
+
+def builder_for(data: Any, data_dir: str) -> tfds.core.GeneratorBasedBuilder:
+  """The builder of a local dataset (synthetic task or local text) in `data_dir`."""
+  if data.task == "text":
+    return WmTextFiles(config=text_files_config(data), data_dir=data_dir, file_format=FILE_FORMAT)
+  return WmSyntheticTasks(config=synthetic_config(data), data_dir=data_dir, file_format=FILE_FORMAT)
+
+
+def local_dataset_path(data: Any, data_dir: str) -> str:
+  """Where `builder_for(data, data_dir)` writes: DATA_DIR/BUILDER/CONFIG/VERSION.
+
+  Computed without instantiating a builder, so a missing dataset is reported at once.
+  """
+  if data.task == "text":
+    builder, config = WmTextFiles.name, text_files_config(data).name
+  else:
+    builder, config = WmSyntheticTasks.name, synthetic_config(data).name
+  return os.path.join(data_dir, builder, config, VERSION)
+
+
+def build(data: Any, data_dir: str) -> str:
+  """Prepares the local dataset for `data` in `data_dir`; returns its directory."""
+  builder = builder_for(data, data_dir)
+  builder.download_and_prepare(
+      file_format=FILE_FORMAT,
+      # Nothing to fetch; never ask TFDS to look for a copy on GCS.
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  return os.fspath(builder.data_path)

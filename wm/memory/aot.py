@@ -1,0 +1,121 @@
+"""Ahead-of-time compile of the train step for a TPU topology, from a CPU host.
+
+    python -m wm compile --config configs/text_transformer.py --topology v5e:2x2 [--json]
+
+With `jax[tpu]` installed (libtpu; `pip install -e '.[tpu]'`), JAX can describe
+a TPU slice it is not attached to: `get_topology_desc(platform="tpu",
+topology_name="v5e:2x2")` returns compile-only devices. We lay the config's
+mesh over them, build the sharded abstract state (`wm.step.make_setup`) and
+lower + compile the real train step on abstract inputs. Nothing runs and no
+parameter is materialised, so this is how to check that a run fits a slice's
+HBM before booking the hardware: the compiler's per-device bytes come from the
+TPU compiler itself (where `temp` and host-offloaded bytes are real, unlike
+the CPU backend's).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import sys
+from typing import Any
+
+import ml_collections
+
+from wm.config import ConfigError, format_bytes
+
+INSTALL_HINT = "pip install -e '.[tpu]'   (or: pip install 'jax[tpu]' matching your jax version)"
+
+# Accelerator names libtpu expects in TPU_ACCELERATOR_TYPE, by generation;
+# the value only quiets libtpu's start-up probe, it does not shape the compile.
+_ACCELERATOR = {"v4": "v4-{cores}", "v5p": "v5p-{cores}", "v5e": "v5litepod-{chips}",
+                "v5litepod": "v5litepod-{chips}", "v6e": "v6e-{chips}"}
+
+
+def libtpu_available() -> bool:
+  return importlib.util.find_spec("libtpu") is not None
+
+
+def _quiet_libtpu(topology: str) -> None:
+  """Environment that lets libtpu start on a host with no TPU, without probing the network."""
+  generation, _, dims = topology.partition(":")
+  chips = 1
+  for n in re.findall(r"\d+", dims):
+    chips *= int(n)
+  pattern = _ACCELERATOR.get(generation.lower(), "v5litepod-{chips}")
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", pattern.format(chips=chips, cores=2 * chips))
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no GCE metadata server here
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # one host; else libtpu logs an error
+  import jax
+  from jax._src import xla_bridge
+  if not xla_bridge.backends_are_initialized():
+    # Ordinary execution stays on CPU: the TPU is only a compile target here.
+    jax.config.update("jax_platforms", "cpu")
+
+
+def topology_mesh(config: ml_collections.ConfigDict, topology: str):
+  """A `Mesh` with the config's axes over the compile-only devices of a TPU topology."""
+  from jax.experimental import topologies
+  from wm import parallel
+  _quiet_libtpu(topology)
+  try:
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+  except Exception as e:  # libtpu raises JaxRuntimeError / ValueError with its own wording
+    raise ConfigError(f"--topology {topology!r} is not a TPU topology libtpu knows ({e}); "
+                      f"use e.g. v5e:2x2, v5e:4x4, v5p:2x2x1, v4:2x2x1") from e
+  devices = list(desc.devices)
+  sizes = parallel.mesh_shape(config.mesh, len(devices))
+  return topologies.make_mesh(desc, tuple(sizes[a] for a in parallel.AXES), parallel.AXES)
+
+
+def compile_for_topology(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
+  """Compiled per-device memory and FLOPs of the train step on a TPU topology.
+
+  Returns:
+    `wm.memory.measure.compiled(...)` fields plus `topology` and the analytic
+    `estimate` (wm.memory.estimate, same device count) for comparison.
+  """
+  from wm.memory import estimate as estimate_lib, measure
+  mesh = topology_mesh(config, topology)
+  record = measure.compiled(config, mesh)
+  record["topology"] = topology
+  record["estimate"] = estimate_lib.estimate(config, num_devices=int(mesh.devices.size)).as_dict()
+  return record
+
+
+def _table(record: dict[str, Any]) -> str:
+  rows = [("topology", record["topology"]),
+          ("devices", f"{record['num_devices']} x {record['device_kind']}  mesh {record['mesh']}")]
+  for name in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+               "generated_code_size_in_bytes", "host_temp_size_in_bytes", "peak_memory_in_bytes"):
+    value = record.get(name)
+    if value is not None:
+      rows.append((name.replace("_size_in_bytes", "").replace("_in_bytes", ""), format_bytes(value)))
+  rows.append(("total (arg+out-alias+temp)", format_bytes(record["total_bytes"])))
+  rows.append(("estimate (wm.memory.estimate)", format_bytes(record["estimate"]["total"])))
+  if record.get("flops") is not None:
+    rows.append(("flops per device per step", f"{record['flops']:.4g}"))
+  rows.append(("compile time", f"{record['compile_seconds']:.1f} s"))
+  width = max(len(k) for k, _ in rows)
+  return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(config: ml_collections.ConfigDict, topology: str | None = None, as_json: bool = False) -> int:
+  """`python -m wm compile`: prints per-device bytes and FLOPs; returns an exit code."""
+  if not topology:
+    print("error: compile needs --topology, e.g. --topology v5e:2x2", file=sys.stderr)
+    return 2
+  if not libtpu_available():
+    print(f"error: compiling for a TPU topology needs the TPU compiler (libtpu), which is not installed.\n"
+          f"Install it with:\n  {INSTALL_HINT}\n"
+          f"It installs on CPU-only hosts; nothing runs on a TPU.", file=sys.stderr)
+    return 2
+  try:
+    record = compile_for_topology(config, topology)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(record, indent=2) if as_json else _table(record))
+  return 0

@@ -1,0 +1,117 @@
+"""Measured bytes: the compiler's figure for the real train step, and the device peak.
+
+`compiled(config)` lowers and compiles the very train step `wm.train` runs
+(`wm.step.make_train_step`) on abstract inputs (`jax.ShapeDtypeStruct`s that
+carry their shardings), so nothing is materialised and a config too large for
+this machine can still be measured. The figure is per device: the compiled
+program is the SPMD program every device runs.
+
+Compiled step memory (DESIGN.md):
+
+    total = argument + output - alias + temp
+
+`temp_size_in_bytes` is the part remat changes. On CPU `peak_memory_in_bytes`
+leaves temp out (on TPU/GPU it includes it), so we report every field and
+which backend produced them rather than any single one.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import ml_collections
+from jax.sharding import Mesh
+
+from wm import parallel, step as step_lib
+
+# Fields of jax's CompiledMemoryStats, in bytes. Older/other backends may lack
+# some; those are reported as absent (None) rather than guessed.
+MEMORY_FIELDS = (
+    "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+    "generated_code_size_in_bytes", "peak_memory_in_bytes",
+    "host_argument_size_in_bytes", "host_output_size_in_bytes", "host_alias_size_in_bytes",
+    "host_temp_size_in_bytes", "host_generated_code_size_in_bytes",
+)
+
+
+def compiled_step(config: ml_collections.ConfigDict, mesh: Mesh | None = None):
+  """Lowers and compiles the train step of `config` on abstract inputs.
+
+  Returns:
+    (compiled, setup): the `jax.stages.Compiled` step and the `wm.step.Setup`.
+  """
+  setup = step_lib.make_setup(config, mesh)
+  train_step = step_lib.make_train_step(setup)
+  # The mesh and logical rules must be current while tracing: the models'
+  # activation constraints (wm.parallel.constrain) read them.
+  with parallel.activate(setup.mesh, setup.rules):
+    lowered = train_step.jitted.lower(setup.abstract_state, setup.abstract_batch())
+    return lowered.compile(), setup
+
+
+def memory_fields(compiled) -> dict[str, int | None]:
+  """Every `memory_analysis()` field (bytes per device) plus the DESIGN.md total."""
+  stats = compiled.memory_analysis()
+  if isinstance(stats, (list, tuple)):  # some backends return one entry per program
+    stats = stats[0]
+  out: dict[str, int | None] = {}
+  for name in MEMORY_FIELDS:
+    value = getattr(stats, name, None)
+    out[name] = None if value is None else int(value)
+  out["total_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
+                        - out["alias_size_in_bytes"] + out["temp_size_in_bytes"])
+  return out
+
+
+def flops(compiled) -> float | None:
+  """Per-device FLOPs of the compiled step from `cost_analysis()` (None if not reported)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"])
+
+
+def compiled(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> dict[str, Any]:
+  """Compiled step memory of `config`'s train step, without running it.
+
+  Args:
+    config: a validated config.
+    mesh: the mesh to compile for; default `wm.parallel.make_mesh(config.mesh)`
+      over this process's devices (or a TPU topology's, see wm.memory.aot).
+
+  Returns:
+    A dict: every `memory_analysis()` field (`*_in_bytes`, None where the
+    backend does not report it), `total_bytes` (argument + output - alias +
+    temp), `flops` (cost_analysis, per device), `backend` (platform),
+    `device_kind`, `num_devices`, `mesh` (axis sizes) and `compile_seconds`.
+  """
+  start = time.perf_counter()
+  exe, setup = compiled_step(config, mesh)
+  seconds = time.perf_counter() - start
+  device = setup.mesh.devices.flat[0]
+  return {
+      **memory_fields(exe),
+      "flops": flops(exe),
+      "backend": device.platform,
+      "device_kind": device.device_kind,
+      "num_devices": int(setup.mesh.devices.size),
+      "mesh": {name: int(size) for name, size in setup.mesh.shape.items()},
+      "compile_seconds": round(seconds, 3),
+  }
+
+
+def device_peak_bytes(device: jax.Device | None = None) -> int | None:
+  """`memory_stats()['peak_bytes_in_use']` of a device (default: the first local one).
+
+  None where the backend keeps no allocator statistics: CPU reports none, so
+  on CPU the compiled figure is the only measurement.
+  """
+  device = device or jax.local_devices()[0]
+  stats = device.memory_stats()
+  if not stats or "peak_bytes_in_use" not in stats:
+    return None
+  return int(stats["peak_bytes_in_use"])

@@ -1,0 +1,200 @@
+"""Layers shared by the model families: embedding, dense, RMSNorm, rotary, loss.
+
+Precision: parameters are stored in `param_dtype` and cast to the compute
+`dtype` right before a matmul; matmuls accumulate in float32
+(`preferred_element_type`) and return the compute dtype. Normalisation
+statistics, logits and the loss are float32 whatever the compute dtype.
+
+Sharding: every parameter carries logical axis names where it is created
+(`nnx.Param(value, out_sharding=names)`); `config.mesh.rules` maps them to mesh
+axes (see wm.parallel). Names used in this package:
+
+    vocab     vocabulary rows of the embedding / output head
+    embed     the model-width dimension of a weight (FSDP shards it)
+    mlp       the MLP hidden dimension
+    heads     query heads            kv_heads  key/value heads
+    head_dim  per-head width         gates     the LSTM's 4*d gate outputs
+    layers    the stacked-layer axis (added by nnx.vmap, see transformer.py)
+
+Activations are constrained with ("batch", "length", None): never "embed",
+which maps to the fsdp mesh axis the batch already occupies.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from wm.typing import Array, Float, Int, Logits, Tokens, Weights
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def dtype_of(name: str) -> jnp.dtype:
+  """'float32' | 'bfloat16' -> the jnp dtype (config.precision fields)."""
+  if name not in _DTYPES:
+    raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
+  return jnp.dtype(_DTYPES[name])
+
+
+def _shape(s: int | Sequence[int]) -> tuple[int, ...]:
+  return (s,) if isinstance(s, int) else tuple(s)
+
+
+def normal(key: jax.Array, shape: Sequence[int], std: float, dtype=jnp.float32) -> jax.Array:
+  """std * N(0, 1) of `shape`, drawn flat and reshaped.
+
+  Same distribution as `jax.random.normal(key, shape)`, but XLA's CPU compile
+  time of the (partitionable) threefry generator grows steeply with the rank
+  of the requested shape: a [16, 4, 5] draw compiled ~4x slower than a flat
+  [320] one on our machines, and stacked layers (nnx.vmap) add another dim.
+  """
+  return (std * jax.random.normal(key, (math.prod(shape),), jnp.float32)).reshape(tuple(shape)).astype(dtype)
+
+
+class Embed(nnx.Module):
+  """Token embedding, optionally reused as the output head (`attend`).
+
+  Rows are drawn with std 1/sqrt(d) so that `attend` (tied output, Press & Wolf
+  2017) starts with unit-variance logits for unit-variance inputs; the lookup
+  multiplies by sqrt(d) (Vaswani et al. 2017, sec. 3.4) so the embedded inputs
+  also have unit variance per coordinate.
+  """
+
+  def __init__(self, vocab: int, d: int, *, param_dtype=jnp.float32, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.vocab, self.d, self.dtype = vocab, d, dtype
+    table = normal(rngs.params(), (vocab, d), 1 / math.sqrt(d), param_dtype)
+    self.embedding = nnx.Param(table, out_sharding=("vocab", "embed"))
+
+  def __call__(self, tokens: Int[Array, "..."]) -> Float[Array, "... d"]:
+    table = self.embedding[...]
+    return (jnp.take(table, tokens, axis=0) * math.sqrt(self.d)).astype(self.dtype)
+
+  def attend(self, x: Float[Array, "... d"]) -> Float[Array, "... v"]:
+    """Logits x @ E^T in float32 (the tied output head)."""
+    return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class Dense(nnx.Module):
+  """y = x @ W (+ b), contracting the trailing `in_shape` dims of x.
+
+  Multi-dimensional shapes keep heads as their own weight dimension (e.g. a
+  query projection is [d, heads, head_dim] with names ("embed", "heads",
+  "head_dim")) so tensor parallelism can split heads without reshapes. Weights
+  use LeCun-normal init (variance 1/fan_in) to keep activations at unit scale.
+
+  Args:
+    in_shape: trailing input dims contracted (int or tuple).
+    out_shape: output dims appended (int or tuple).
+    axes: logical names, one per dim of the kernel (in_shape + out_shape).
+    use_bias: adds a bias named by the output part of `axes`.
+    bias_init: initial bias value (array of shape out_shape) or None for zeros.
+  """
+
+  def __init__(self, in_shape: int | Sequence[int], out_shape: int | Sequence[int], *,
+               axes: Sequence[str | None], use_bias: bool = False, bias_init: jax.Array | None = None,
+               param_dtype=jnp.float32, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.in_shape, self.out_shape = _shape(in_shape), _shape(out_shape)
+    axes = tuple(axes)
+    if len(axes) != len(self.in_shape) + len(self.out_shape):
+      raise ValueError(f"Dense{self.in_shape}->{self.out_shape}: need one logical axis name per kernel dim, "
+                       f"got {axes}")
+    self.dtype = dtype
+    fan_in = math.prod(self.in_shape)
+    kernel = normal(rngs.params(), self.in_shape + self.out_shape, 1 / math.sqrt(fan_in), param_dtype)
+    self.kernel = nnx.Param(kernel, out_sharding=axes)
+    if use_bias:
+      b = jnp.zeros(self.out_shape, jnp.float32) if bias_init is None else jnp.asarray(bias_init, jnp.float32)
+      self.bias = nnx.Param(b.reshape(self.out_shape).astype(param_dtype), out_sharding=axes[len(self.in_shape):])
+    else:
+      self.bias = None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n = len(self.in_shape)
+    contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
+    y = jax.lax.dot_general(x.astype(self.dtype), self.kernel[...].astype(self.dtype), (contract, ((), ())),
+                            preferred_element_type=jnp.float32)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+Linear = Dense  # the name readers coming from nnx.Linear / torch.nn.Linear look for
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale (Zhang & Sennrich 2019), statistics in float32."""
+
+  def __init__(self, d: int, *, eps: float = 1e-6, param_dtype=jnp.float32, dtype=jnp.float32,
+               rngs: nnx.Rngs | None = None):
+    del rngs  # deterministic init; accepted so all layers construct alike
+    self.eps, self.dtype = eps, dtype
+    self.scale = nnx.Param(jnp.ones((d,), param_dtype), out_sharding=("embed",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def rope(x: Float[Array, "b t h e"], positions: Int[Array, "b t"] | Int[Array, "t"],
+         base: float = 10_000.0) -> Float[Array, "b t h e"]:
+  """Rotary position embedding (Su et al. 2021, RoFormer eq. 34).
+
+  Rotates the pairs (x[..., i], x[..., i + e/2]) by angle pos * base^(-2i/e)
+  (the "half-split" layout of GPT-NeoX/LLaMA, equivalent to the paper's
+  interleaved pairs up to a fixed permutation of the head dims). Dot products
+  between rotated queries and keys then depend only on relative position.
+  Computed in float32, returned in x's dtype.
+  """
+  e = x.shape[-1]
+  if e % 2:
+    raise ValueError(f"rope needs an even head dim, got {e}")
+  half = e // 2
+  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / e)
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, e/2] or [t, e/2]
+  if angles.ndim == 2:
+    angles = angles[None]
+  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]  # broadcast over heads
+  x32 = x.astype(jnp.float32)
+  x1, x2 = x32[..., :half], x32[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Inverted dropout (Srivastava et al. 2014); identity when key is None or rate is 0."""
+  if key is None or rate <= 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def lm_loss(logits: Logits, targets: Tokens, weights: Weights) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Weighted next-token cross-entropy in float32.
+
+  Returns:
+    loss: sum(weights * xent) / max(sum(weights), 1), nats per scored token.
+    metrics: {"loss", "nll" (both = loss), "accuracy" (argmax == target over
+      scored positions), "weight" (sum of weights)}.
+  """
+  logits = logits.astype(jnp.float32)
+  weights = weights.astype(jnp.float32)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  xent = logz - target_logit
+  total = jnp.sum(weights)
+  denom = jnp.maximum(total, 1.0)
+  loss = jnp.sum(weights * xent) / denom
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  accuracy = jnp.sum(weights * correct) / denom
+  return loss, {"loss": loss, "nll": loss, "accuracy": accuracy, "weight": total}
+
+
+def param_count(module: nnx.Module) -> int:
+  """Number of scalars in the module's nnx.Param variables."""
+  return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(module, nnx.Param)))

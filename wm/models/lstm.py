@@ -1,0 +1,206 @@
+"""LSTM language model: embedding -> stacked LSTM -> RMSNorm -> output head.
+
+The cell is the standard LSTM (Hochreiter & Schmidhuber 1997, with the forget
+gate of Gers et al. 2000), gates ordered i, f, g, o:
+
+    [i, f, g, o] = x_t W_x + h_{t-1} W_h + b
+    c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g)
+    h_t = sigmoid(o) * tanh(c_t)
+
+x_t W_x + b does not depend on the recurrence, so it is one big matmul over
+all time steps before the scan; only h W_h runs inside the scan. The forget
+bias starts at `forget_bias` (Jozefowicz et al. 2015: 1.0 lets gradients
+flow through c early in training).
+
+Working memory between tokens is (h, c) per layer: layers * 2 * d values.
+Gate nonlinearities run in float32; the carried state is kept in the compute
+dtype, which is what `state_bytes` counts.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.ad_checkpoint
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from wm import parallel
+from wm.models import layers as L
+from wm.models import remat as R
+from wm.typing import Array, Batch, Float, Hidden, Int, Logits, Tokens
+
+State = list[tuple[jax.Array, jax.Array]]  # per layer (h [b, d], c [b, d])
+
+REMAT_TAGS = frozenset({"gates", "h", "c"})
+
+
+def lstm_cell(params: dict[str, jax.Array], carry: tuple[jax.Array, jax.Array],
+              x_proj: Float[Array, "b 4d"]) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+  """One LSTM step; scan-shaped: returns ((h', c'), h').
+
+  Args:
+    params: {"w_h": [d, 4d]} recurrent kernel (cast to h's dtype for the matmul).
+    carry: (h [b, d], c [b, d]).
+    x_proj: x_t W_x + b, [b, 4d], precomputed for all steps.
+  """
+  h, c = carry
+  gates = x_proj.astype(jnp.float32) + jnp.dot(h, params["w_h"].astype(h.dtype),
+                                               preferred_element_type=jnp.float32)
+  gates = jax.ad_checkpoint.checkpoint_name(gates, "gates")
+  i, f, g, o = jnp.split(gates, 4, axis=-1)
+  c_new = jax.nn.sigmoid(f) * c.astype(jnp.float32) + jax.nn.sigmoid(i) * jnp.tanh(g)
+  h_new = jax.nn.sigmoid(o) * jnp.tanh(c_new)
+  h_new = jax.ad_checkpoint.checkpoint_name(h_new.astype(h.dtype), "h")
+  c_new = jax.ad_checkpoint.checkpoint_name(c_new.astype(c.dtype), "c")
+  return (h_new, c_new), h_new
+
+
+class LSTMLayer(nnx.Module):
+  """One LSTM layer: input projection for all steps, then a (chunked) time scan."""
+
+  def __init__(self, d_in: int, d: int, *, forget_bias: float, param_dtype, dtype, rngs: nnx.Rngs):
+    self.d, self.dtype = d, dtype
+    bias = jnp.zeros((4, d), jnp.float32).at[1].set(forget_bias).reshape(4 * d)  # i, f, g, o
+    self.w_x = L.Dense(d_in, 4 * d, axes=("embed", "gates"), use_bias=True, bias_init=bias,
+                       param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+    w_h = L.normal(rngs.params(), (d, 4 * d), 1 / math.sqrt(d), param_dtype)
+    self.w_h = nnx.Param(w_h, out_sharding=("embed", "gates"))
+
+  def cell_params(self) -> dict[str, jax.Array]:
+    return {"w_h": self.w_h[...].astype(self.dtype)}
+
+  def __call__(self, x: Float[Array, "b t d_in"], h: jax.Array, c: jax.Array,
+               time_chunk: int = 0) -> tuple[Hidden, tuple[jax.Array, jax.Array]]:
+    x_proj = jnp.swapaxes(self.w_x(x), 0, 1)  # [t, b, 4d]: scan runs over the leading axis
+    cell = functools.partial(lstm_cell, self.cell_params())
+    carry, ys = R.chunked_time_scan(cell, (h, c), x_proj, time_chunk)
+    return jnp.swapaxes(ys, 0, 1), carry
+
+  def step(self, x_t: Float[Array, "b d_in"], h: jax.Array, c: jax.Array):
+    return lstm_cell(self.cell_params(), (h, c), self.w_x(x_t))
+
+
+class LSTMStack(nnx.Module):
+  """`layers` LSTM layers applied in a Python loop (layer 0 maps d_in -> d).
+
+  A loop rather than a scan over layers: LSTM stacks are shallow, layer 0 has
+  a different input width, and the time scan inside each layer dominates
+  compile time anyway. Each layer is one remat block (`remat_policy`), and
+  inside it the time scan is chunked (`time_chunk`, Chen et al. 2016).
+  """
+
+  REMAT_TAGS = REMAT_TAGS
+
+  def __init__(self, d_in: int, d: int, layers: int, *, forget_bias: float = 1.0, dropout: float = 0.0,
+               param_dtype=jnp.float32, dtype=jnp.float32, remat_policy: str = "none", time_chunk: int = 0,
+               rngs: nnx.Rngs):
+    R.checkpoint_policy(remat_policy, REMAT_TAGS)  # fail at construction on a bad policy name
+    self.d, self.num_layers, self.dtype = d, layers, dtype
+    self.dropout, self.remat_policy, self.time_chunk = dropout, remat_policy, time_chunk
+    self.layers = nnx.List([
+        LSTMLayer(d_in if i == 0 else d, d, forget_bias=forget_bias, param_dtype=param_dtype, dtype=dtype,
+                  rngs=rngs)
+        for i in range(layers)])
+
+  def init_state(self, batch: int) -> State:
+    zeros = jnp.zeros((batch, self.d), self.dtype)
+    return [(zeros, zeros) for _ in range(self.num_layers)]
+
+  def __call__(self, x: Float[Array, "b t d_in"], initial_state: State | None = None, *,
+               dropout_key: jax.Array | None = None) -> tuple[Hidden, State]:
+    """Runs the stack over a sequence.
+
+    Args:
+      x: inputs [b, t, d_in].
+      initial_state: per-layer (h, c); zeros when None.
+      dropout_key: enables dropout between layers (Zaremba et al. 2014: on
+        non-recurrent connections only) when the rate is > 0.
+
+    Returns:
+      (outputs of the last layer [b, t, d], final per-layer (h, c)).
+    """
+    state = initial_state if initial_state is not None else self.init_state(x.shape[0])
+    chunk = R.resolve_time_chunk(self.time_chunk, x.shape[1])
+    run = R.remat_block(lambda layer, x, h, c: layer(x, h, c, chunk), self.remat_policy, REMAT_TAGS)
+    keys = [None] * self.num_layers if dropout_key is None else list(jax.random.split(dropout_key, self.num_layers))
+    final = []
+    x = x.astype(self.dtype)
+    for i, layer in enumerate(self.layers):
+      h0, c0 = state[i]
+      x, carry = run(layer, x, h0.astype(self.dtype), c0.astype(self.dtype))
+      x = parallel.constrain(x, ("batch", "length", None))
+      if i < self.num_layers - 1:
+        x = L.dropout(x, self.dropout, keys[i])
+      final.append(carry)
+    return x, final
+
+  def step(self, x_t: Float[Array, "b d_in"], state: State) -> tuple[Float[Array, "b d"], State]:
+    """One time step through all layers (generation); no dropout."""
+    x_t = x_t.astype(self.dtype)
+    new = []
+    for i, layer in enumerate(self.layers):
+      carry, x_t = layer.step(x_t, *state[i])
+      new.append(carry)
+    return x_t, new
+
+
+class Model(nnx.Module):
+  """LSTM language model (config.model.name = "lstm")."""
+
+  REMAT_TAGS = REMAT_TAGS
+
+  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    m = config.model
+    param_dtype = L.dtype_of(config.precision.param_dtype)
+    self.dtype = L.dtype_of(config.precision.compute_dtype)
+    self.d, self.num_layers, self.rate = m.d, m.layers, m.dropout
+    kw = dict(param_dtype=param_dtype, dtype=self.dtype)
+    self.embed = L.Embed(config.data.vocab_size, m.d, rngs=rngs, **kw)
+    self.stack = LSTMStack(m.d, m.d, m.layers, forget_bias=m.forget_bias, dropout=m.dropout,
+                           remat_policy=config.remat.policy, time_chunk=config.remat.time_chunk, rngs=rngs, **kw)
+    # LSTM outputs lie in (-1, 1) whatever the width; the norm gives the
+    # (possibly tied) head unit-scale inputs.
+    self.norm = L.RMSNorm(m.d, **kw)
+    self.head = None if m.tie_embeddings else L.Dense(m.d, config.data.vocab_size, axes=("embed", "vocab"),
+                                                      rngs=rngs, **kw)
+
+  def _logits(self, x: jax.Array) -> jax.Array:
+    x = self.norm(x)
+    if self.head is None:
+      return self.embed.attend(x)
+    return self.head(x).astype(jnp.float32)
+
+  def __call__(self, tokens: Tokens, *, dropout_key: jax.Array | None = None) -> Logits:
+    """Logits (float32) [b, t, V] for next-token prediction at every position."""
+    keys = (None,) * 3 if dropout_key is None else tuple(jax.random.split(dropout_key, 3))
+    x = parallel.constrain(self.embed(tokens), ("batch", "length", None))
+    x = L.dropout(x, self.rate, keys[0])
+    x, _ = self.stack(x, dropout_key=keys[1])
+    x = L.dropout(x, self.rate, keys[2])
+    return self._logits(x)
+
+  def loss(self, batch: Batch, *, train: bool, rngs: nnx.Rngs | None = None):
+    """Weighted next-token cross-entropy; see layers.lm_loss for the metrics."""
+    key = rngs.dropout() if (train and self.rate > 0 and rngs is not None) else None
+    logits = self(batch["inputs"], dropout_key=key)
+    return L.lm_loss(logits, batch["targets"], batch["weights"])
+
+  def num_params(self) -> int:
+    return L.param_count(self)
+
+  def state_bytes(self, context_len: int, batch: int = 1) -> int:
+    """Working memory (DESIGN.md): layers * 2 * d * bytes * batch, independent of context_len."""
+    del context_len
+    return self.num_layers * 2 * self.d * jnp.dtype(self.dtype).itemsize * batch
+
+  def init_state(self, batch: int) -> State:
+    return self.stack.init_state(batch)
+
+  def decode_step(self, tokens: Int[Array, "b"], state: State) -> tuple[Float[Array, "b v"], State]:
+    """Consumes one token per sequence; returns next-token logits and the new state."""
+    x, state = self.stack.step(self.embed(tokens), state)
+    return self._logits(x), state

@@ -1,0 +1,265 @@
+"""Decoder-only Transformer: pre-norm blocks, rotary GQA attention, GELU MLP.
+
+    x = x + Attn(RMSNorm(x))      causal, optionally a sliding window
+    x = x + MLP(RMSNorm(x))       down(gelu(up(x))), hidden = mlp_ratio * d
+
+Choices and their reasons:
+- Pre-norm (Xiong et al. 2020): trains without warm-up tricks at any depth.
+- Rotary embeddings (Su et al. 2021): relative positions, and a KV cache entry
+  never has to be recomputed when the window slides.
+- Grouped-query attention (Ainslie et al. 2023): `kv_heads` key/value heads
+  shared by groups of query heads; the KV cache, our working memory, shrinks
+  by heads/kv_heads.
+- Sliding window (Beltagy et al. 2020; Mistral): position i attends to j with
+  i - W < j <= i, so the KV cache is a ring buffer of W slots and working
+  memory stops growing with context. With L layers information still travels
+  L * (W - 1) positions back.
+- GELU MLP (Hendrycks & Gimpel 2016) rather than SwiGLU: two matrices of
+  mlp_ratio * d, the MLP that Korthikanti et al. 2022's activation-memory
+  formulas (used by wm.memory.estimate) are derived for; SwiGLU's gain is a
+  small constant in quality, its third matrix would change every byte count.
+
+Layers are created with nnx.vmap (parameters get a leading "layers" axis) and
+applied with nnx.scan, so compile time and temp memory do not grow with
+depth; each scanned block is an nnx.remat block under config.remat.policy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.ad_checkpoint
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from wm import parallel
+from wm.models import layers as L
+from wm.models import remat as R
+from wm.typing import Array, Batch, Float, Hidden, Int, Logits, Tokens
+
+REMAT_TAGS = frozenset({"qkv", "attn_context", "attn_out", "mlp_hidden"})
+
+Cache = dict[str, jax.Array]  # {"k", "v": [l, b, slots, k, e], "pos": int32 tokens consumed so far}
+
+
+def _tag(x: jax.Array, name: str) -> jax.Array:
+  return jax.ad_checkpoint.checkpoint_name(x, name)
+
+
+def attention(q: Float[Array, "b t h e"], k: Float[Array, "b s k e"], v: Float[Array, "b s k e"],
+              q_pos: Int[Array, "b t"], k_pos: Int[Array, "b s"], *, window: int = 0,
+              k_valid: jax.Array | None = None) -> Float[Array, "b t h e"]:
+  """Causal (optionally windowed) grouped-query attention, softmax in float32.
+
+  Query head n uses key/value head n // (h / k) (Ainslie et al. 2023). Query
+  i sees key j iff k_pos[j] <= q_pos[i] and (window == 0 or
+  q_pos[i] - k_pos[j] < window) and k_valid[j].
+  """
+  b, t, h, e = q.shape
+  kv = k.shape[2]
+  qg = q.reshape(b, t, kv, h // kv, e)
+  scores = jnp.einsum("btkge,bske->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(e)
+  diff = q_pos[:, :, None] - k_pos[:, None, :]  # [b, t, s]
+  mask = diff >= 0
+  if window:
+    mask &= diff < window
+  if k_valid is not None:
+    mask &= k_valid[:, None, :]
+  # A finite floor rather than -inf: a fully masked row (never produced by our
+  # callers, but cheap to guard) gives a uniform softmax instead of NaN.
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  ctx = jnp.einsum("bkgts,bske->btkge", probs, v, preferred_element_type=jnp.float32)
+  return ctx.reshape(b, t, h, e).astype(v.dtype)
+
+
+class Block(nnx.Module):
+  """One pre-norm decoder block."""
+
+  def __init__(self, d: int, heads: int, kv_heads: int, mlp_ratio: int, *, window: int, rope_base: float,
+               dropout: float, param_dtype, dtype, rngs: nnx.Rngs):
+    if d % heads or heads % kv_heads:
+      raise ValueError(f"need heads | d and kv_heads | heads, got d={d} heads={heads} kv_heads={kv_heads}")
+    e = d // heads
+    self.window, self.rope_base, self.rate, self.dtype = window, rope_base, dropout, dtype
+    kw = dict(param_dtype=param_dtype, dtype=dtype)
+    self.attn_norm = L.RMSNorm(d, **kw)
+    self.q = L.Dense(d, (heads, e), axes=("embed", "heads", "head_dim"), rngs=rngs, **kw)
+    self.k = L.Dense(d, (kv_heads, e), axes=("embed", "kv_heads", "head_dim"), rngs=rngs, **kw)
+    self.v = L.Dense(d, (kv_heads, e), axes=("embed", "kv_heads", "head_dim"), rngs=rngs, **kw)
+    self.o = L.Dense((heads, e), d, axes=("heads", "head_dim", "embed"), rngs=rngs, **kw)
+    self.mlp_norm = L.RMSNorm(d, **kw)
+    self.up = L.Dense(d, mlp_ratio * d, axes=("embed", "mlp"), rngs=rngs, **kw)
+    self.down = L.Dense(mlp_ratio * d, d, axes=("mlp", "embed"), rngs=rngs, **kw)
+
+  def _qkv(self, x, positions):
+    h = self.attn_norm(x)
+    q = _tag(L.rope(self.q(h), positions, self.rope_base), "qkv")
+    k = _tag(L.rope(self.k(h), positions, self.rope_base), "qkv")
+    v = _tag(self.v(h), "qkv")
+    return q, k, v
+
+  def _finish(self, x, ctx, keys):
+    ctx = _tag(ctx, "attn_context")
+    x = x + L.dropout(_tag(self.o(ctx), "attn_out"), self.rate, keys[0])
+    hidden = _tag(self.up(self.mlp_norm(x)), "mlp_hidden")
+    x = x + L.dropout(self.down(jax.nn.gelu(hidden)), self.rate, keys[1])
+    return parallel.constrain(x, ("batch", "length", None))
+
+  def __call__(self, x: Hidden, positions: Int[Array, "b t"], dropout_key: jax.Array | None = None) -> Hidden:
+    q, k, v = self._qkv(x, positions)
+    ctx = attention(q, k, v, positions, positions, window=self.window)
+    keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
+    return self._finish(x, ctx, keys)
+
+  def decode(self, x: Float[Array, "b 1 d"], k_cache: jax.Array, v_cache: jax.Array, pos: jax.Array):
+    """One token at absolute position `pos` against a cache of S slots (slot = position mod S)."""
+    b, slots = x.shape[0], k_cache.shape[1]
+    q, k, v = self._qkv(x, jnp.full((b, 1), pos, jnp.int32))
+    slot = pos % slots
+    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), slot, axis=1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), slot, axis=1)
+    # Slot s holds the latest position p <= pos with p = s (mod S); negative = never written.
+    slot_pos = pos - jnp.mod(pos - jnp.arange(slots), slots)
+    k_pos = jnp.broadcast_to(slot_pos, (b, slots))
+    ctx = attention(q, k_cache, v_cache, jnp.full((b, 1), pos), k_pos, window=self.window, k_valid=k_pos >= 0)
+    return self._finish(x, ctx, (None, None)), k_cache, v_cache
+
+
+class TransformerStack(nnx.Module):
+  """`layers` blocks (stacked parameters) + final RMSNorm, on embeddings [b, t, d]."""
+
+  REMAT_TAGS = REMAT_TAGS
+
+  def __init__(self, d: int, layers: int, heads: int, kv_heads: int, mlp_ratio: int, *, window: int = 0,
+               rope_base: float = 10_000.0, dropout: float = 0.0, param_dtype=jnp.float32, dtype=jnp.float32,
+               remat_policy: str = "none", rngs: nnx.Rngs):
+    R.checkpoint_policy(remat_policy, REMAT_TAGS)  # fail at construction on a bad policy name
+    self.d, self.num_layers, self.kv_heads, self.head_dim = d, layers, kv_heads, d // heads
+    self.window, self.rate, self.dtype, self.remat_policy = window, dropout, dtype, remat_policy
+
+    # One Block per layer with its own init keys; vmap stacks their parameters
+    # on a leading axis named "layers" in the sharding metadata.
+    @nnx.split_rngs(splits=layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs):
+      return Block(d, heads, kv_heads, mlp_ratio, window=window, rope_base=rope_base, dropout=dropout,
+                   param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+
+    self.blocks = make(rngs)
+    self.final_norm = L.RMSNorm(d, param_dtype=param_dtype, dtype=dtype)
+
+  def _layer_keys(self, dropout_key):
+    return None if dropout_key is None or self.rate <= 0 else jax.random.split(dropout_key, self.num_layers)
+
+  def __call__(self, x: Hidden, positions: Int[Array, "b t"] | None = None, *,
+               dropout_key: jax.Array | None = None, use_scan: bool = True) -> Hidden:
+    """Applies all blocks and the final norm.
+
+    Args:
+      x: embeddings [b, t, d] (any conditioning already added).
+      positions: absolute positions [b, t] or [t]; 0..t-1 by default.
+      dropout_key: enables dropout on the residual branches when the rate is > 0.
+      use_scan: False applies the same parameters in a Python loop (the
+        reference the scan is tested against; compiles L copies).
+    """
+    b, t = x.shape[:2]
+    positions = jnp.arange(t, dtype=jnp.int32) if positions is None else positions
+    positions = jnp.broadcast_to(positions, (b, t))
+    keys = self._layer_keys(dropout_key)
+    x = parallel.constrain(x.astype(self.dtype), ("batch", "length", None))
+
+    def body(x, block, key):
+      return block(x, positions, key)
+
+    if use_scan:
+      body = R.remat_block(body, self.remat_policy, REMAT_TAGS, prevent_cse=False)
+      scan = nnx.scan(body, in_axes=(nnx.Carry, 0, None if keys is None else 0), out_axes=nnx.Carry,
+                      transform_metadata={nnx.PARTITION_NAME: "layers"})
+      x = scan(x, self.blocks, keys)
+    else:
+      body = R.remat_block(body, self.remat_policy, REMAT_TAGS)
+      for i in range(self.num_layers):
+        x = body(x, self.layer(i), None if keys is None else keys[i])
+    return self.final_norm(x)
+
+  def layer(self, i: int) -> Block:
+    """Block i as a standalone module (a view of slice i of the stacked parameters)."""
+    graphdef, state = nnx.split(self.blocks)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+
+  def cache_slots(self, max_len: int) -> int:
+    return min(self.window, max_len) if self.window else max_len
+
+  def init_cache(self, batch: int, max_len: int) -> Cache:
+    """Empty KV cache: a ring buffer of `window` slots, or max_len slots for full attention."""
+    shape = (self.num_layers, batch, self.cache_slots(max_len), self.kv_heads, self.head_dim)
+    return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype), "pos": jnp.zeros((), jnp.int32)}
+
+  def decode_step(self, x: Float[Array, "b d"], cache: Cache) -> tuple[Float[Array, "b d"], Cache]:
+    """One position through all blocks, reading and writing the cache."""
+    pos = cache["pos"]
+
+    def body(x, block, k_cache, v_cache):
+      x, k_cache, v_cache = block.decode(x, k_cache, v_cache, pos)
+      return x, (k_cache, v_cache)
+
+    scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0),
+                    transform_metadata={nnx.PARTITION_NAME: "layers"})
+    y, (k, v) = scan(x[:, None].astype(self.dtype), self.blocks, cache["k"], cache["v"])
+    return self.final_norm(y[:, 0]), {"k": k, "v": v, "pos": pos + 1}
+
+
+class Model(nnx.Module):
+  """Transformer language model (config.model.name = "transformer")."""
+
+  REMAT_TAGS = REMAT_TAGS
+
+  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    m = config.model
+    param_dtype = L.dtype_of(config.precision.param_dtype)
+    self.dtype = L.dtype_of(config.precision.compute_dtype)
+    self.rate = m.dropout
+    kw = dict(param_dtype=param_dtype, dtype=self.dtype)
+    self.embed = L.Embed(config.data.vocab_size, m.d, rngs=rngs, **kw)
+    self.stack = TransformerStack(m.d, m.layers, m.heads, m.kv_heads, m.mlp_ratio, window=m.window,
+                                  rope_base=m.rope_base, dropout=m.dropout, remat_policy=config.remat.policy,
+                                  rngs=rngs, **kw)
+    self.head = None if m.tie_embeddings else L.Dense(m.d, config.data.vocab_size, axes=("embed", "vocab"),
+                                                      rngs=rngs, **kw)
+
+  def _logits(self, x: jax.Array) -> jax.Array:
+    if self.head is None:
+      return self.embed.attend(x)
+    return self.head(x).astype(jnp.float32)
+
+  def __call__(self, tokens: Tokens, *, dropout_key: jax.Array | None = None, use_scan: bool = True) -> Logits:
+    """Logits (float32) [b, t, V] for next-token prediction at every position."""
+    keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
+    x = L.dropout(self.embed(tokens), self.rate, keys[0])
+    return self._logits(self.stack(x, dropout_key=keys[1], use_scan=use_scan))
+
+  def loss(self, batch: Batch, *, train: bool, rngs: nnx.Rngs | None = None):
+    """Weighted next-token cross-entropy; see layers.lm_loss for the metrics."""
+    key = rngs.dropout() if (train and self.rate > 0 and rngs is not None) else None
+    logits = self(batch["inputs"], dropout_key=key)
+    return L.lm_loss(logits, batch["targets"], batch["weights"])
+
+  def num_params(self) -> int:
+    return L.param_count(self)
+
+  def state_bytes(self, context_len: int, batch: int = 1) -> int:
+    """Working memory (DESIGN.md): layers * 2 * kv_heads * head_dim * min(L, window or L) * bytes * batch."""
+    s = self.stack
+    kept = min(context_len, s.window) if s.window else context_len
+    return s.num_layers * 2 * s.kv_heads * s.head_dim * kept * jnp.dtype(self.dtype).itemsize * batch
+
+  def init_cache(self, batch: int, max_len: int) -> Cache:
+    return self.stack.init_cache(batch, max_len)
+
+  def decode_step(self, tokens: Int[Array, "b"], cache: Cache) -> tuple[Float[Array, "b v"], Cache]:
+    """Consumes one token per sequence; returns next-token logits and the updated cache."""
+    x, cache = self.stack.decode_step(self.embed(tokens), cache)
+    return self._logits(x), cache
