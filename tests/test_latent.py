@@ -175,7 +175,7 @@ def test_importance_weighted_bound_is_above_elbo_and_grows_with_k():
   def compute(model, keys):
     mu, logvar = model.encode(batch["targets"], batch["weights"])
     kl = jnp.sum(latent.gaussian_kl(mu, logvar), 1)
-    log_w, rec, _ = jax.vmap(lambda k: model.log_weights(batch, k, s))(keys)  # [seeds, s, b]
+    log_w, rec, _ = nnx.vmap(lambda m, k: m.log_weights(batch, k, s), in_axes=(None, 0))(model, keys)  # [seeds, s, b]
     bounds = {k: jnp.mean(latent.importance_weighted_bound(  # disjoint groups of k samples, IW_k each
         log_w.reshape(seeds, s // k, k, -1).swapaxes(0, 2)), axis=(0, 1)) for k in ks}
     return kl, jnp.mean(-rec, axis=1) - kl, bounds
@@ -256,6 +256,35 @@ def test_mixture_of_one_is_its_component_lm():
   np.testing.assert_allclose(float(loss), float(lm_loss), rtol=1e-6)
   np.testing.assert_allclose(float(metrics["accuracy"]), float(lm_metrics["accuracy"]), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(metrics["usage"]), [1.0])
+
+
+def test_mixture_annealing_tempers_only_the_gradient():
+  """Loss value is always the exact -log p(x); its gradient is exact once beta = 1, and at
+  beta = 0 every component gets the same weight (deterministic annealing)."""
+  model = build("mixture", **{"model.mixture_anneal_steps": 10})
+  batch = byte_batch(pad=2)
+  total = float(np.sum(batch["weights"]))
+
+  def exact(model):
+    joint = model.log_mixing_weights() + model.component_log_likelihoods(batch)
+    return -jnp.sum(jax.nn.logsumexp(joint, axis=-1)) / total
+
+  def uniform(model):  # beta = 0: sum_k (1/K) (log pi_k + log p_k(x))
+    joint = model.log_mixing_weights() + model.component_log_likelihoods(batch)
+    return -jnp.sum(jnp.mean(joint, axis=-1)) / total
+
+  @nnx.jit
+  def compute(model):
+    grad = lambda f: nnx.grad(f)(model)
+    train = lambda step: (lambda m: m.loss(batch, train=True, rngs=nnx.Rngs(0), step=jnp.int32(step))[0])
+    return (exact(model), train(0)(model), grad(train(0)), grad(uniform), grad(train(10)), grad(exact))
+
+  value, value0, g0, g_uniform, g10, g_exact = compute(model)
+  np.testing.assert_allclose(float(value0), float(value), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g_uniform)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+  for a, b in zip(jax.tree.leaves(g10), jax.tree.leaves(g_exact)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
 
 
 # --- VAE --------------------------------------------------------------------------------------
@@ -362,7 +391,7 @@ def test_short_training_lowers_the_negative_elbo(name):
 
 def test_mixture_training_uses_more_than_one_component():
   """Two kinds of sequences: a trained mixture gives each kind to its own components."""
-  model = build("mixture", **{"model.components": 4})
+  model = build("mixture", **{"model.components": 4, "model.mixture_anneal_steps": 20})
   batch = pattern_batch(b=16)
   _train(model, batch, 40, 1e-2)
   _, metrics = run_loss(model, batch, jax.random.PRNGKey(0), train=False)

@@ -79,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.free_bits = 0.0  # per-dimension KL floor in nats (Kingma et al. 2016); 0 = off
   m.word_dropout = 0.0  # probability of replacing a decoder input token (Bowman et al. 2016)
   m.iw_samples = 16  # k of the importance-weighted bound at evaluation (Burda et al. 2016)
+  m.mixture_anneal_steps = 300  # mixture: responsibilities sharpen from uniform to exact over these steps (deterministic annealing, Ueda & Nakano 1998); 0 = exact from the start
 
   c.precision = p = ml_collections.ConfigDict()
   p.param_dtype = "float32"  # storage of parameters and optimizer state
@@ -273,6 +274,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _need(m.kl_schedule in KL_SCHEDULES, "model.kl_schedule", f"must be one of {KL_SCHEDULES}")
   _need(m.free_bits >= 0, "model.free_bits", "must be >= 0")
   _need(m.iw_samples >= 1, "model.iw_samples", "must be >= 1")
+  _need(m.mixture_anneal_steps >= 0, "model.mixture_anneal_steps", "must be >= 0 (0 = no annealing)")
 
   for f in ("param_dtype", "compute_dtype"):
     _need(config.precision[f] in DTYPES, f"precision.{f}", f"must be one of {DTYPES}")

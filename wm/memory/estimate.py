@@ -191,11 +191,25 @@ def _optimizer_values(config: ml_collections.ConfigDict, shape: tuple[int, ...])
 # ---------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
+class Levers:
+  """The settings the planner varies; `Levers.of(config)` reads them from a config."""
+  policy: str
+  microbatches: int
+  time_chunk: int
+  mesh: tuple[tuple[str, int], ...] | None = None  # axis sizes; None = from config.mesh
+
+  @classmethod
+  def of(cls, config: ml_collections.ConfigDict) -> "Levers":
+    return cls(config.remat.policy, config.optim.microbatches, config.remat.time_chunk)
+
+
+@dataclasses.dataclass(frozen=True)
 class _Acts:
   saved: float  # bytes kept for the backward pass, all layers
   layer_transient: float  # one layer's backward working set (with recomputation)
   head_transient: float  # logits, their gradient and the loss head
   detail: dict[str, Any]
+  grads_at_peak: bool = True  # False when the peak is in the forward pass (before any gradient exists)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,10 +223,10 @@ class _Dims:
   c: int  # compute dtype bytes
 
 
-def _dims(config: ml_collections.ConfigDict, sizes: dict[str, int]) -> _Dims:
+def _dims(config: ml_collections.ConfigDict, sizes: dict[str, int], microbatches: int) -> _Dims:
   rules = dict(parallel.rules(config))
   batch_ways = math.prod(sizes.get(a, 1) for a in _axes(rules.get("batch")))
-  b = max(config.data.batch_size // (config.optim.microbatches * batch_ways), 1)
+  b = max(config.data.batch_size // (microbatches * batch_ways), 1)
   vocab_ways = math.prod(sizes.get(a, 1) for a in _axes(rules.get("vocab")))
   vocab = math.ceil(config.data.vocab_size / vocab_ways)
   tensor = math.prod(sizes.get(a, 1) for a in _axes(rules.get("mlp")))
@@ -249,6 +263,25 @@ _LAYER_TRANSIENT = {
 }
 # [b, t, d] f32 arrays the loss head holds beside the logits (final norm and its gradient).
 _HEAD_STREAM = 4
+# The same for one LSTM layer's backward pass (with its recomputation), as
+# multiples of a [b, t, d] f32 array and of the layer's parameter bytes: the
+# layer's x_proj and its gradient ([t, b, 4d] each), the recomputed
+# residuals under remat, the scan's staging copies. Fitted to XLA's CPU buffer
+# assignment (widths 64-128, lengths 64-128, 2-3 layers); a time chunk's own
+# recomputation (12 d per step of the chunk) is added on top.
+_LSTM_TRANSIENT = {
+    "none": (20.13, 1.48),
+    "full": (27.05, 1.01),
+    "dots": (30.05, 1.51),
+    "save:gates": (23.01, 1.07),
+    "save:h": (27.05, 1.51),
+    "save:c": (27.05, 1.51),
+    "none/chunk": (11.74, 2.55),
+    "full/chunk": (14.36, 0.77),
+}
+# Extra gradient-sized buffers alive during the optimizer update (the clipped
+# gradient / the update itself; moments and parameters are updated in place).
+_UPDATE_BUFFERS = 1
 
 
 def _transformer_layer(config: ml_collections.ConfigDict, dims: _Dims, policy: str,
@@ -328,3 +361,214 @@ def _head_transient(dims: _Dims, heads: int = 1) -> float:
   """The loss head: f32 logits and their gradient, [b, t, heads, V] each, plus a few [b, t, d]."""
   tokens = dims.b * dims.t
   return 2 * tokens * heads * dims.vocab * _F32 + _HEAD_STREAM * tokens * dims.d * _F32
+
+
+def _lstm_layer(config: ml_collections.ConfigDict, dims: _Dims, policy: str,
+                time_chunk: int, backend: str) -> tuple[float, float, dict[str, Any]]:
+  """Saved bytes of one LSTM layer and the backward working set of one layer (per device).
+
+  Derivation (wm/models/lstm.py). The input projection x W_x + b is one
+  matmul over all steps, x_proj [t, b, 4d]; the time scan runs the cell
+
+      gates = x_proj_t + h W_h;  c' = s(f) c + s(i) tanh(g);  h' = s(o) tanh(c')
+
+  and, without remat, JAX's scan keeps per step 12 [b, d] f32 residuals for
+  the backward pass: the four gate nonlinearities and their derivative
+  factors, c, tanh(c'), h (for dW_h) and the f32 casts (jax.ad_checkpoint's
+  saved_residuals lists them). With the layer input x (kept by every policy,
+  for dW_x) and half a [b, t, d] of output staging, one layer keeps per token:
+
+      none           13.5 d
+      full           1 d           (x; the layer's scans are rerun in backward)
+      dots           9 d           (x, and both matmul outputs: x W_x and h W_h, 4d each)
+      save:<tags>    1 d + gates 4 d, h 1 d, c 1 d
+
+  Layers are scanned (stacked parameters), so one layer's recomputation is
+  alive at a time. Time chunking (`remat.time_chunk` = k, Chen et al. 2016)
+  matters under `none`: the outer scan over t/k chunks keeps only the carry
+  (h, c) entering each chunk, plus the chunk inputs x_proj that a chunk reads
+  again when it is recomputed:
+
+      none, chunk k  (1 + 4 + 0.5) d per token + 2 d per chunk
+
+  and each chunk's backward pass recomputes its k steps (12 d per step). So
+  the recurrent part, 2 d t/k + 12 d k per sequence, is smallest at
+  k = sqrt(t), where it grows as sqrt(t); the per-token part (the inputs the
+  chunks read again) stays linear in t. Under a remat policy other than
+  none the layer's saved tensors are as above whatever the chunk.
+  """
+  b, t, d, c, tp = dims.b, dims.t, dims.d, dims.c, dims.tensor
+  tokens = b * t
+  k = remat_lib.resolve_time_chunk(time_chunk, t)
+  base, names = _policy_names(policy)
+  if base == "offload":
+    base = "save" if backend == "cpu" else "full"
+  if base == "none" and k:
+    per_token = d * c + 4.5 * d / tp * _F32
+    saved = tokens * per_token + 2 * b * (t // k) * d * c
+    key = "none/chunk"
+  else:
+    inner = {"none": 12.5, "full": 0.0, "dots": 8.0}.get(base, 0.0)
+    if base == "save":
+      inner = sum({"gates": 4.0, "h": 1.0, "c": 1.0}[n] for n in names)
+    per_token = d * c + inner * d / tp * _F32
+    saved = tokens * per_token
+    key = base if base != "save" else "save:" + ",".join(sorted(names))
+  coef = _LSTM_TRANSIENT.get(key)
+  if coef is None:  # several tags: the largest working set of any of them
+    coef = max((_LSTM_TRANSIENT[f"save:{n}"] for n in names), key=lambda x: x[0])
+  layer_params = (2 * d * 4 * d + 4 * d) / tp * jnp.dtype(config.precision.param_dtype).itemsize
+  transient = coef[0] * tokens * d * _F32 + coef[1] * layer_params
+  if k and base == "full":
+    key += "/chunk"
+    coef = _LSTM_TRANSIENT["full/chunk"]
+    transient = coef[0] * tokens * d * _F32 + coef[1] * layer_params
+  if k:
+    transient += 12 * b * k * d / tp * _F32  # one chunk's recomputed residuals
+  return saved, transient, {"saved_per_layer": int(saved), "time_chunk": k}
+
+
+def _stack_acts(config: ml_collections.ConfigDict, kind: str, dims: _Dims, levers: Levers,
+                layer_param_bytes: float, backend: str) -> tuple[float, float, dict[str, Any]]:
+  """All layers of one LSTM or Transformer stack: (saved, layer transient, detail)."""
+  layers = config.model.layers
+  if kind == "transformer":
+    per_layer, transient, detail = _transformer_layer(config, dims, levers.policy, layer_param_bytes, backend)
+  else:
+    per_layer, transient, detail = _lstm_layer(config, dims, levers.policy, levers.time_chunk, backend)
+  return layers * per_layer, transient, detail
+
+
+def _activations(config: ml_collections.ConfigDict, dims: _Dims, levers: Levers, layer_param_bytes: float,
+                 backend: str) -> _Acts:
+  """Saved activations and transients of the config's model family.
+
+  The latent models reuse the stacks (wm/models/latent.py):
+
+    vae       an encoder stack (model.encoder) and a decoder stack
+              (model.decoder) over the same tokens: saved bytes add; the
+              code z ([b, latent_dim]) is negligible. The head is the LM's.
+    mixture   "shared": one decoder stack and K heads, logits [b, t, K, V];
+              the head transient is K LM heads plus the softmax the predictive
+              accuracy reads (one more [b, t, K, V]). "separate": K decoder
+              stacks (vmapped: their saved bytes add), same head.
+    vrnn      one time scan over a cell with the LSTM stack (input 2d), the
+              prior, posterior and decoder MLPs (width d) and a V-way softmax
+              per step. Per step and sequence it keeps the LSTM's residuals
+              (16.5 d per layer, as above), about 12 d for the three MLPs,
+              the concatenations and the latent sample, and 3 V f32 for the
+              step's logits, log-softmax and its gradient. With time chunks of
+              k steps it keeps the carries (2 d per layer + z per chunk) and
+              the per-step inputs, and recomputes one chunk (the transient).
+  """
+  m = config.model
+  tokens = dims.b * dims.t
+  name = m.name
+  if name in ("transformer", "lstm"):
+    saved, transient, detail = _stack_acts(config, name, dims, levers, layer_param_bytes, backend)
+    return _Acts(saved, transient, _head_transient(dims), detail)
+  if name == "vae":
+    enc, enc_t, _ = _stack_acts(config, m.encoder, dims, levers, layer_param_bytes, backend)
+    dec, dec_t, detail = _stack_acts(config, m.decoder, dims, levers, layer_param_bytes, backend)
+    return _Acts(enc + dec, max(enc_t, dec_t), _head_transient(dims), detail)
+  if name == "mixture":
+    k = m.components
+    dec, dec_t, detail = _stack_acts(config, m.decoder, dims, levers, layer_param_bytes, backend)
+    if m.mixture_heads == "separate":
+      dec, dec_t = k * dec, k * dec_t
+    head = _head_transient(dims, heads=k) + tokens * k * dims.vocab * _F32
+    return _Acts(dec, dec_t, head, detail)
+  # vrnn
+  d, v, z, layers = dims.d, dims.vocab, m.latent_dim, m.layers
+  per_step = (layers * 16.5 * d + 12 * d + 4 * z + 3 * v) * _F32
+  chunk = remat_lib.resolve_time_chunk(levers.time_chunk, dims.t)
+  if chunk:
+    carries = dims.b * (dims.t // chunk) * (2 * layers * d + z) * _F32
+    saved = carries + tokens * 3 * _F32  # the chunk inputs (tokens, targets, noise index)
+    transient = dims.b * chunk * per_step
+  else:
+    saved, transient = tokens * per_step, tokens * 4 * d * _F32
+  return _Acts(saved, transient, 2 * tokens * 3 * _F32, {"saved_per_step": per_step, "time_chunk": chunk})
+
+
+def _uses_lstm_stack(config: ml_collections.ConfigDict) -> bool:
+  m = config.model
+  return m.name == "lstm" or (m.name in ("vae", "mixture") and "lstm" in (m.encoder, m.decoder))
+
+
+def mesh_sizes(config: ml_collections.ConfigDict, num_devices: int | None = None) -> dict[str, int]:
+  """Mesh axis sizes for `num_devices` (default: config.mesh.num_devices, else all devices)."""
+  n = num_devices or config.mesh.num_devices or jax.device_count()
+  return parallel.mesh_shape(config.mesh, n)
+
+
+def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
+             backend: str | None = None, levers: Levers | None = None) -> Estimate:
+  """Analytic per-device bytes of the config's train step.
+
+  Args:
+    config: a validated config (model, data, precision, optim, remat, mesh).
+    num_devices: devices the mesh spans; default config.mesh.num_devices, else
+      every device JAX sees. The mesh sizes come from config.mesh
+      (wm.parallel.mesh_shape), so -1 axes take what is left.
+    backend: the compile target ("cpu", "tpu", "gpu"; default JAX's):
+      offload policies keep their tensors on the device only on CPU.
+    levers: remat policy, microbatches, time chunk and mesh sizes to use
+      instead of the config's (the planner scores candidates this way
+      without copying configs).
+
+  Returns:
+    An `Estimate` whose six terms sum to `total`.
+  """
+  backend = backend or jax.default_backend()
+  levers = levers or Levers.of(config)
+  sizes = dict(levers.mesh) if levers.mesh else mesh_sizes(config, num_devices)
+  rules = dict(parallel.rules(config))
+  params = optimizer = 0.0
+  count = 0
+  stack_bytes = 0.0  # parameters of the scanned layer stacks (for the per-layer transient)
+  whole_params = 0.0  # parameters gathered over fsdp
+  for shape, itemsize, names in param_leaves(config):
+    size = math.prod(shape)
+    count += size
+    local = size / shards(names, rules, sizes, shape)
+    params += local * itemsize
+    sharded, replicated = _optimizer_values(config, shape)
+    optimizer += (sharded * local + replicated * size) * itemsize
+    tensor_only = tuple(n if n in ("heads", "kv_heads", "mlp", "gates", "vocab") else None for n in names)
+    whole = size * itemsize / shards(tensor_only, rules, sizes, shape)  # gathered over fsdp
+    whole_params += whole
+    if "layers" in names:  # a scanned layer's weights are gathered whole (over fsdp) while it runs
+      stack_bytes += whole
+  grads = params  # gradients in the parameter dtype, sharded like the parameters (ZeRO-2/3 under FSDP)
+  live_grads = grads * (2 if levers.microbatches > 1 else 1)  # accumulator + this microbatch's
+
+  dims = _dims(config, sizes, levers.microbatches)
+  batch_ways = math.prod(sizes.get(a, 1) for a in _axes(rules.get("batch")))
+  layer_param_bytes = stack_bytes / max(config.model.layers, 1)
+  acts = _activations(config, dims, levers, layer_param_bytes, backend)
+  # inputs and targets int32, weights f32, this device's rows.
+  inputs = config.data.batch_size / batch_ways * config.data.seq_len * 12
+
+  transient_bwd = max(acts.layer_transient, acts.head_transient)
+  if _uses_lstm_stack(config) and batch_ways > 1:
+    # Measured on the LSTM stack (not the Transformer's): under FSDP the whole
+    # stack's gathered weights are alive during its backward pass; under pure
+    # data parallelism a second, all-reduced copy of the gradients is.
+    transient_bwd += (whole_params - params) if sizes.get("fsdp", 1) > 1 else grads
+  if not acts.grads_at_peak:
+    live_grads = 0.0
+  backward = live_grads + acts.saved + transient_bwd
+  update = grads + _UPDATE_BUFFERS * grads
+  if backward >= update:
+    phase, activations, transient, grads_term = "backward", acts.saved, transient_bwd, live_grads
+  else:
+    phase, activations, transient, grads_term = "update", 0.0, _UPDATE_BUFFERS * grads, grads
+  terms = dict(params=int(params), grads=int(grads_term), optimizer=int(optimizer),
+               activations=int(activations), transient=int(transient), inputs=int(inputs))
+  detail = dict(acts.detail, param_count=count, saved_activations=int(acts.saved),
+                layer_transient=int(acts.layer_transient), head_transient=int(acts.head_transient),
+                per_device_batch=dims.b, microbatches=levers.microbatches, remat_policy=levers.policy,
+                time_chunk=levers.time_chunk, backend=backend)
+  return Estimate(**terms, total=sum(terms.values()), phase=phase, num_devices=math.prod(sizes.values()),
+                  mesh=dict(sizes), detail=detail)

@@ -51,7 +51,7 @@ from wm.typing import Array, Batch, Float, Int, Tokens, Weights
 
 Metrics = dict[str, jax.Array]
 
-# Burda et al. 2016, sec. 5.2: a latent unit is active if Cov_x(E_q[z_u]) > 0.01.
+# Burda et al. 2016: a latent unit u is active if Cov_x(E_q(z|x)[z_u]) > 0.01.
 ACTIVE_UNIT_THRESHOLD = 0.01
 # Fu et al. 2019: each cycle spends its first R = 0.5 rising linearly from 0 to 1.
 CYCLICAL_RISE = 0.5
@@ -86,7 +86,7 @@ def kl_weight(schedule: str, step: jax.Array | int | None, warmup_steps: int) ->
   """beta_t, the weight of the KL term at training step `step` (may be traced).
 
   constant  1.
-  linear    min(1, step / warmup) (Bowman et al. 2016 anneal; linear form as in Fu et al. 2019).
+  linear    min(1, step / warmup): the monotonic anneal (Fu et al. 2019's baseline).
   logistic  sigmoid(10 (step / warmup - 1/2)): Bowman et al. 2016's logistic
             anneal, centred on warmup/2 and ~0.993 at `warmup`.
   cyclical  Fu et al. 2019: cycles of `warmup` steps; in each, beta rises
@@ -109,7 +109,7 @@ def kl_weight(schedule: str, step: jax.Array | int | None, warmup_steps: int) ->
 def free_bits_kl(kl: Float[Array, "b z"], free_bits: float, mask: Float[Array, "b"] | None = None) -> jax.Array:
   """sum_d max(lambda, mean_b KL_bd): the KL term with a per-dimension floor, per sequence.
 
-  Free bits (Kingma et al. 2016, eq. 15) with the floor applied to the batch
+  Free bits (Kingma et al. 2016, the IAF paper) with the floor applied to the batch
   mean of each dimension's KL, so a dimension whose average KL is under
   lambda costs exactly lambda and gets no gradient pushing it further down,
   while single sequences can still spend more or less than lambda on it.
@@ -125,7 +125,7 @@ def free_bits_kl(kl: Float[Array, "b z"], free_bits: float, mask: Float[Array, "
 
 
 def importance_weighted_bound(log_w: Float[Array, "s ..."]) -> jax.Array:
-  """log (1/s) sum_i w_i: Burda et al. 2016 eq. 8 from log weights log p(x, z_i) - log q(z_i|x).
+  """log (1/s) sum_i w_i, Burda et al. 2016's bound, from log weights log p(x, z_i) - log q(z_i|x).
 
   A lower bound on log p(x) for any s; s = 1 is the ELBO's Monte Carlo
   estimate, and its expectation never decreases with s (Burda et al. thm. 1).
@@ -145,7 +145,7 @@ def active_units(mu: Float[Array, "n z"], mask: Float[Array, "n"] | None = None)
 def word_dropout(key: jax.Array, tokens: Tokens, rate: float, mask_token: int) -> Tokens:
   """Replaces each decoder input token by `mask_token` with probability `rate`.
 
-  Bowman et al. 2016, sec. 3.2: a decoder that cannot always see the previous
+  Bowman et al. 2016: a decoder that cannot always see the previous
   tokens has to get more of the sequence from z, which counters posterior
   collapse.
   """
@@ -183,23 +183,23 @@ def _precision(config: ml_collections.ConfigDict) -> dict[str, Any]:
               dtype=L.dtype_of(config.precision.compute_dtype))
 
 
+def _rebuild(graphdef: nnx.GraphDef, state: nnx.State) -> nnx.Module:
+  """A module merged inside a JAX transform's body (lax.scan, checkpoint) from state split outside it.
+
+  jax.tree.map makes fresh Variable objects that belong to the body's trace:
+  NNX transforms inside the module (the layer scans of LSTMStack and
+  TransformerStack) refuse Variables created at an outer trace level. The
+  values stay closed-over constants of the body, so a scan neither carries
+  nor stacks them per step (they are loop-invariant for autodiff too).
+  """
+  return nnx.merge(graphdef, jax.tree.map(lambda a: a, state))
+
+
 def _scan_module(module: nnx.Module, fn: Callable[[nnx.Module, Any, Any], tuple[Any, Any]], carry: Any,
                  xs: Any) -> tuple[Any, Any]:
-  """lax.scan of (carry, x) -> fn(module, carry, x) with the module rebuilt inside the scan.
-
-  The module's state rides along in the carry (unchanged), so inside the
-  scan it holds values of the scan's own trace: NNX transforms inside the
-  module (the Transformer's layer scan) refuse variables from an outer trace.
-  """
+  """lax.scan of (carry, x) -> fn(module, carry, x), the module rebuilt inside the scan (`_rebuild`)."""
   graphdef, state = nnx.split(module)
-
-  def body(c, x):
-    state, inner = c
-    inner, y = fn(nnx.merge(graphdef, state), inner, x)
-    return (state, inner), y
-
-  (_, carry), ys = jax.lax.scan(body, (state, carry), xs)
-  return carry, ys
+  return jax.lax.scan(lambda c, x: fn(_rebuild(graphdef, state), c, x), carry, xs)
 
 
 def _map_samples(module: nnx.Module, fn: Callable[[nnx.Module, jax.Array], Any], keys: jax.Array) -> Any:
@@ -362,7 +362,7 @@ def _generate(step: Callable[[nnx.Module, jax.Array, Any], tuple[jax.Array, Any]
 
   Args:
     step: (module, tokens [b], state) -> (logits [b, v], state).
-    module: passed to `step` (rebuilt inside the scan, see `_scan_module`).
+    module: passed to `step` (rebuilt inside the scan, see `_rebuild`).
     state: the initial generation state.
     first: the token each sequence starts from (not part of the output).
   """
@@ -538,18 +538,30 @@ class Mixture(nnx.Module):
   would be a posterior q(k|x) and give only a bound. g's output layer starts
   at zero so pi starts uniform as well.
 
-  Using more than one component: components start as different random LMs
-  (independent head or decoder initialisations), so per-sequence
-  responsibilities r_k(x) = pi_k p_k(x) / p(x) split the data from the first
-  step; each component's gradient is weighted by its responsibilities, so
-  each learns from its own share and they specialise.
+  Using more than one component. The gradient of log p(x) reaches component
+  k weighted by its responsibility r_k(x) = pi_k p_k(x) / p(x), and over a
+  whole sequence the r_k are nearly one-hot. From a random start, whichever
+  component first learns what all sequences share (byte frequencies, common
+  words) wins every sequence; the others stop receiving gradient and die
+  (observed: one component at 100% usage after 150 steps on text). Two
+  things prevent it:
+    - symmetry breaking: components start as different random LMs
+      (independent head or decoder initialisations);
+    - deterministic annealing (Ueda & Nakano 1998) over the first
+      `mixture_anneal_steps` steps: the gradient uses tempered
+      responsibilities softmax_k(beta_t (log pi_k + log p_k(x))) with beta_t
+      rising linearly from 0 to 1. At small beta every component learns the
+      shared structure; as beta grows they split the sequences by what
+      distinguishes them. From then on (and for every reported number) the
+      objective is the exact log-likelihood: the loss value is always
+      -log p(x), only its gradient is tempered during the anneal.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     m = config.model
     kw = _precision(config)
     self.k, self.shared, self.gated = m.components, m.mixture_heads == "shared", m.mixture_prior == "gated"
-    self.dtype, self.dropout = kw["dtype"], m.dropout
+    self.dtype, self.dropout, self.anneal_steps = kw["dtype"], m.dropout, m.mixture_anneal_steps
     if self.shared:
       self.decoder = Decoder(config, heads=m.components, rngs=rngs)
     else:
@@ -579,7 +591,8 @@ class Mixture(nnx.Module):
   def component_logits(self, tokens: Tokens, *, dropout_key: jax.Array | None = None) -> Float[Array, "b t c v"]:
     """Every component's next-token logits."""
     if self.shared:
-      return self.decoder(tokens, dropout_key=dropout_key)
+      logits = self.decoder(tokens, dropout_key=dropout_key)
+      return logits[:, :, None] if self.k == 1 else logits  # one (possibly tied) head has no component axis
     keys = None if dropout_key is None else jax.random.split(dropout_key, self.k)
 
     @nnx.vmap(in_axes=(0, None, None if keys is None else 0), out_axes=2,
@@ -619,17 +632,30 @@ class Mixture(nnx.Module):
            step: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
     """-log p(x) per scored token (exact), with responsibilities and usage in the metrics.
 
+    Args:
+      batch: {"inputs", "targets", "weights"} [b, t]; optionally "code"
+        [b, latent_dim] for the gated prior.
+      train: tempers the gradient during the anneal (see the class docstring).
+      rngs: dropout, if the config has any.
+      step: training step for the anneal's beta_t; None means beta = 1.
+
     Metrics beyond the LM's: usage [c] (mean responsibility per component),
     mixing_weights [c] (pi; the mean over the batch for a per-sequence code),
-    components_used (usage > 5%), responsibility_entropy (nats per sequence).
-    `step` is accepted for a uniform interface; the mixture has no schedule.
+    components_used (usage > 5%), responsibility_entropy (nats per sequence),
+    and in training anneal_beta.
     """
-    del step
     key = rngs.dropout() if (train and rngs is not None) else None
     terms = self._terms(batch, key if self.dropout > 0 else None)
     w, mask = terms["w"], _sequence_mask(terms["w"])
     total = jnp.maximum(jnp.sum(w), 1.0)
     nll = -jnp.sum(terms["log_px"] * mask) / total
+    beta = kl_weight("linear", step if train else None, self.anneal_steps)
+    # Value -log p(x); gradient -sum_k softmax(beta * joint)_k grad joint_k, which is grad -log p(x) at beta = 1.
+    tempered = jax.lax.stop_gradient(jax.nn.softmax(beta * terms["joint"], axis=-1))
+    joint = terms["joint"]
+    surrogate = jax.lax.stop_gradient(terms["log_px"]) + jnp.sum(
+        tempered * (joint - jax.lax.stop_gradient(joint)), axis=-1)
+    loss = -jnp.sum(surrogate * mask) / total
     resp = jax.nn.softmax(terms["joint"], axis=-1)
     usage = jnp.sum(resp * mask[:, None], axis=0) / jnp.maximum(jnp.sum(mask), 1.0)
     entropy = -jnp.sum(resp * jnp.log(jnp.maximum(resp, 1e-30)), axis=-1)
@@ -637,7 +663,9 @@ class Mixture(nnx.Module):
                "usage": usage, "mixing_weights": jnp.mean(jnp.exp(terms["log_pi"]), axis=0),
                "components_used": jnp.sum((usage > 0.05).astype(jnp.float32)),
                "responsibility_entropy": _masked_mean(entropy, mask)}
-    return nll, metrics
+    if train:
+      metrics["anneal_beta"] = beta
+    return loss, metrics
 
   def evaluate(self, batch: Batch, *, rngs: nnx.Rngs | None = None) -> tuple[jax.Array, Metrics]:
     """The exact nll and mixture statistics (same as loss(train=False))."""
@@ -646,7 +674,8 @@ class Mixture(nnx.Module):
   def _step_all(self, tokens: jax.Array, state: Any) -> tuple[jax.Array, Any]:
     """One generation step of every component: logits [b, c, v]."""
     if self.shared:
-      return self.decoder.step(tokens, state)
+      logits, state = self.decoder.step(tokens, state)
+      return (logits[:, None] if self.k == 1 else logits), state
 
     @nnx.vmap(in_axes=(0, None, 0), out_axes=(1, 0), transform_metadata={nnx.PARTITION_NAME: "components"})
     def run(decoder, tokens, state):
@@ -769,8 +798,9 @@ class VRNN(nnx.Module):
     b = batch["inputs"].shape[0]
     carry = (self.rnn.init_state(b), jnp.zeros((b, self.latent_dim), jnp.float32))
     xs = (batch["inputs"].T, batch["targets"].T, eps)
-    # The cell only reads parameters (no NNX transforms inside), so it can close over the module.
-    _, terms = R.chunked_time_scan(self._cell, carry, xs, self.time_chunk,
+    graphdef, state = nnx.split(self)
+    cell = lambda carry, xs: _rebuild(graphdef, state)._cell(carry, xs)
+    _, terms = R.chunked_time_scan(cell, carry, xs, self.time_chunk,
                                    policy=R.checkpoint_policy(self.policy, lstm.REMAT_TAGS))
     return terms
 

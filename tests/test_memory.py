@@ -1,0 +1,249 @@
+"""Memory accounting: the analytic estimate against the compiler, remat orderings, the planner.
+
+Every compiled figure comes from lowering + compiling the real train step on
+abstract inputs (wm.memory.measure.compiled); compiles are cached per config so
+the tests share them. Sizes are tiny: the numbers, not the sizes, are what is
+checked. The 8 fake CPU devices come from tests/conftest.py.
+"""
+
+import functools
+import json
+import math
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wm import config as config_lib
+from wm import parallel
+from wm.memory import estimate as estimate_lib
+from wm.memory import measure, plan as plan_lib, report
+from wm.models import lstm, remat
+
+TRANSFORMER_POLICIES = ("none", "dots", "dots_no_batch", "full",
+                        "save:qkv", "save:attn_context", "save:attn_out", "save:mlp_hidden")
+
+
+def tiny(model="transformer", *, policy="none", batch=8, length=32, chunk=0, micro=1, mesh=None, d=32):
+  c = config_lib.base_config()
+  c.data.task = "mqar"
+  c.data.seq_len = length
+  c.data.vocab_size = 64
+  c.data.num_kv_pairs = 2
+  c.data.batch_size = batch
+  c.model.name = model
+  c.model.d = d
+  c.model.layers = 2
+  c.model.heads = 2
+  c.model.kv_heads = 2
+  c.remat.policy = policy
+  c.remat.time_chunk = chunk
+  c.optim.microbatches = micro
+  mesh = mesh or {}
+  c.mesh.num_devices = math.prod(mesh.values()) if mesh else 1
+  for axis, size in mesh.items():
+    c.mesh[axis] = size
+  return config_lib.validate(c)
+
+
+_real_compiled = measure.compiled
+_cache: dict[str, dict] = {}
+
+
+def _cached_compiled(config, mesh=None):
+  """measure.compiled, shared across tests: the same config (and mesh shape) compiles once.
+
+  The planner and the report call measure.compiled too; patched, their
+  compiles of configs a test already compiled are free.
+  """
+  c = config.to_dict()
+  if mesh is None:
+    sizes = parallel.mesh_shape(config.mesh, config.mesh.num_devices or jax.device_count())
+  else:
+    sizes = {a: int(mesh.shape[a]) for a in parallel.AXES}
+  c["mesh"] = dict(c["mesh"], **sizes, num_devices=math.prod(sizes.values()))
+  key = json.dumps(c, sort_keys=True, default=str)
+  if key not in _cache:
+    _cache[key] = _real_compiled(config, mesh)
+  return dict(_cache[key])
+
+
+@pytest.fixture(autouse=True)
+def _share_compiles(monkeypatch):
+  monkeypatch.setattr(measure, "compiled", _cached_compiled)
+
+
+def compiled(**kwargs) -> dict:
+  return _cached_compiled(tiny(**kwargs))
+
+
+# ---------------------------------------------------------------------------
+# The compiler's figure
+# ---------------------------------------------------------------------------
+
+def test_compiled_reports_every_field_and_the_design_total():
+  r = compiled()
+  for field in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes"):
+    assert isinstance(r[field], int) and r[field] >= 0
+  assert r["total_bytes"] == (r["argument_size_in_bytes"] + r["output_size_in_bytes"]
+                             - r["alias_size_in_bytes"] + r["temp_size_in_bytes"])
+  assert r["backend"] == "cpu" and r["num_devices"] == 1
+  assert r["flops"] > 0
+  # The state is donated: its output aliases its argument.
+  assert r["alias_size_in_bytes"] > 0.9 * r["output_size_in_bytes"]
+
+
+def test_device_peak_is_absent_on_cpu():
+  assert measure.device_peak_bytes() is None
+
+
+def test_transformer_temp_orders_none_dots_full():
+  temp = {p: compiled(policy=p)["temp_size_in_bytes"] for p in ("none", "dots", "full")}
+  assert temp["none"] > temp["dots"] > temp["full"], temp
+
+
+@pytest.mark.parametrize("policy", TRANSFORMER_POLICIES[1:])
+def test_every_named_policy_changes_compiled_bytes(policy):
+  assert compiled(policy=policy)["temp_size_in_bytes"] != compiled(policy="none")["temp_size_in_bytes"]
+
+
+def _chunked_lstm_temp(length: int, d: int = 8, batch: int = 2) -> int:
+  """Compiled temp bytes of backpropagating through the LSTM's time scan alone, chunk = sqrt(T).
+
+  The model's own cell (wm.models.lstm.lstm_cell) and chunked scan
+  (wm.models.remat.chunked_time_scan). The per-step inputs x W_x + b are an
+  argument and the loss reads only the final state, so temp holds what the
+  time remat saves (one carry per chunk) and recomputes (one chunk's
+  residuals): Chen et al. 2016's 2 sqrt(T) terms.
+  """
+  chunk = remat.resolve_time_chunk(-1, length)
+
+  def loss(w_h, h0, c0, x_proj):
+    (h, c), _ = remat.chunked_time_scan(functools.partial(lstm.lstm_cell, {"w_h": w_h}), (h0, c0), x_proj, chunk)
+    return jnp.sum(h) + jnp.sum(c)
+
+  args = (jax.ShapeDtypeStruct((d, 4 * d), jnp.float32), jax.ShapeDtypeStruct((batch, d), jnp.float32),
+          jax.ShapeDtypeStruct((batch, d), jnp.float32), jax.ShapeDtypeStruct((length, batch, 4 * d), jnp.float32))
+  exe = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
+  return exe.memory_analysis().temp_size_in_bytes
+
+
+def test_lstm_time_remat_saved_bytes_grow_like_sqrt_t():
+  lengths = [256, 1024, 4096]
+  temps = [_chunked_lstm_temp(t) for t in lengths]
+  slope = np.polyfit(np.log(lengths), np.log(temps), 1)[0]
+  assert 0.4 <= slope <= 0.6, (temps, slope)
+  # Without chunks the same scan keeps every step: linear in T.
+  assert _unchunked_ratio() > 3.5
+
+
+def _unchunked_ratio() -> float:
+  def temp(length, d=8, batch=2):
+    def loss(w_h, h0, c0, x_proj):
+      (h, c), _ = remat.chunked_time_scan(functools.partial(lstm.lstm_cell, {"w_h": w_h}), (h0, c0), x_proj, 0)
+      return jnp.sum(h) + jnp.sum(c)
+    args = (jax.ShapeDtypeStruct((d, 4 * d), jnp.float32), jax.ShapeDtypeStruct((batch, d), jnp.float32),
+            jax.ShapeDtypeStruct((batch, d), jnp.float32), jax.ShapeDtypeStruct((length, batch, 4 * d), jnp.float32))
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile().memory_analysis().temp_size_in_bytes
+  return temp(1024) / temp(256)
+
+
+def test_lstm_time_chunks_lower_compiled_bytes():
+  assert compiled(model="lstm", chunk=-1)["temp_size_in_bytes"] < 0.8 * compiled(model="lstm")["temp_size_in_bytes"]
+
+
+# ---------------------------------------------------------------------------
+# The estimate against the compiler
+# ---------------------------------------------------------------------------
+
+MATRIX = (
+    [dict(policy=p) for p in TRANSFORMER_POLICIES]
+    + [dict(batch=16), dict(length=64), dict(mesh={"data": 2, "fsdp": 4}),
+       dict(model="lstm"), dict(model="lstm", chunk=-1), dict(model="lstm", mesh={"data": 2, "fsdp": 4})]
+)
+
+
+def _relative_error(kwargs) -> float:
+  est = estimate_lib.estimate(tiny(**kwargs))
+  comp = compiled(**kwargs)
+  return (est.total - comp["total_bytes"]) / comp["total_bytes"]
+
+
+def test_estimate_terms_sum_and_model_states_follow_zero():
+  config = tiny(mesh={"data": 1, "fsdp": 8})
+  est = estimate_lib.estimate(config)
+  assert est.total == sum(getattr(est, t) for t in estimate_lib.TERMS)
+  one = estimate_lib.estimate(tiny())
+  # ZeRO-3: parameters, gradients and Adam's two moments split 8 ways (norm scales too small to split stay whole).
+  assert one.params / 8 <= est.params <= one.params / 8 * 1.05
+  assert est.optimizer == pytest.approx(2 * est.params, rel=1e-6)
+  count = one.detail["param_count"]
+  assert one.params == 4 * count  # float32
+
+
+def test_estimate_within_ten_percent_of_compiled_over_the_matrix():
+  errors = {json.dumps(k, sort_keys=True): _relative_error(k) for k in MATRIX}
+  worst = max(errors.items(), key=lambda kv: abs(kv[1]))
+  assert max(abs(e) for e in errors.values()) <= 0.10, worst
+  assert statistics.median(abs(e) for e in errors.values()) <= 0.05, errors
+
+
+# ---------------------------------------------------------------------------
+# The planner
+# ---------------------------------------------------------------------------
+
+def test_generous_budget_picks_no_remat_and_one_microbatch():
+  config = tiny(policy="full", micro=2)
+  result = plan_lib.plan(config, 2**40, num_devices=1)
+  assert result.chosen.policy == "none" and result.chosen.microbatches == 1
+  assert result.config.remat.policy == "none" and result.config.optim.microbatches == 1
+  assert result.compiled["total_bytes"] <= 2**40
+
+
+def test_planner_choice_compiles_within_the_budget():
+  config = tiny(length=64)
+  none = compiled(length=64)["total_bytes"]
+  budget = int(0.6 * none)
+  result = plan_lib.plan(config, budget, num_devices=1)
+  assert result.compiled is not None and result.compiled["total_bytes"] <= budget
+  assert (result.chosen.policy, result.chosen.microbatches) != ("none", 1)
+  assert result.margin == budget - result.compiled["total_bytes"]
+  # Runners-up are ranked by cost after the winner and fit by estimate.
+  costs = [result.chosen.cost] + [c.cost for c in result.runners_up]
+  assert costs == sorted(costs)
+  assert all(c.estimate.total <= budget for c in result.runners_up)
+
+
+def test_impossible_budget_names_the_smallest_budget():
+  config = tiny()
+  with pytest.raises(plan_lib.BudgetTooSmall) as info:
+    plan_lib.plan(config, 1000, num_devices=1)
+  err = info.value
+  smallest = min(c.estimate.total for c in plan_lib.candidates(config, 1))
+  assert err.smallest == smallest
+  assert err.dominant in estimate_lib.TERMS
+  assert str(smallest) in str(err) and "would fit" in str(err)
+  assert isinstance(err, ValueError)
+  # The smallest budget it names is indeed enough for the planner.
+  assert plan_lib.plan(config, err.smallest, num_devices=1, confirm=False).chosen.estimate.total <= err.smallest
+
+
+def test_apply_returns_a_config_and_a_json_record():
+  config, record = plan_lib.apply(tiny(policy="full"), 2**40)
+  assert config.remat.policy == "none"
+  assert json.loads(json.dumps(record))["chosen"]["remat_policy"] == "none"
+  assert record["confirmed"] and record["compiled_total_bytes"] <= 2**40
+
+
+def test_report_json_schema(capsys):
+  assert report.main(tiny(), budget=None, as_json=True) == 0
+  data = json.loads(capsys.readouterr().out)
+  assert data["schema"] == "wm.memory/1"
+  assert set(estimate_lib.TERMS) <= set(data["estimate"])
+  assert data["compiled"]["total_bytes"] == compiled()["total_bytes"]
+  assert data["device_peak_bytes"] is None and "CPU" in data["device_peak_note"]
+  assert report.main(tiny(), budget="1KiB", as_json=True) == 1
+  err = json.loads(capsys.readouterr().out)
+  assert err["error"] == "budget_too_small" and err["smallest_budget_bytes"] > 1024

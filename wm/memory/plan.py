@@ -1,0 +1,352 @@
+"""Fit a config to a per-device memory budget: search, rank by cost, confirm by compiling.
+
+The planner enumerates the memory levers of the config and scores every
+candidate with the analytic estimate (wm.memory.estimate, cheap), keeps those
+that fit, ranks them by a cost model of step time, and confirms the best with
+one real compile (wm.memory.measure.compiled); if the compiler's figure
+exceeds the budget it tries the next candidate.
+
+Search space:
+  remat.policy        none, dots_no_batch, dots, full, and save:<tag> for each
+                      tag the model emits (its REMAT_TAGS). offload:<tags> is
+                      left out: on the CPU backend it acts as save.
+  optim.microbatches  divisors m of the global batch whose microbatch still
+                      splits over the batch mesh axes (global batch unchanged).
+  remat.time_chunk    recurrent models (LSTM, VRNN, LSTM encoders/decoders):
+                      0 (no time remat) and every divisor k of the sequence
+                      length with 2 <= k <= T/2.
+  mesh data x fsdp    every split of the devices left after config.mesh.tensor
+                      (which is kept) whose parameter shards divide.
+  precision           fixed: the config's param/compute dtypes are a modelling
+                      choice (bf16 changes the numbers, not just the bytes), so
+                      the planner does not change them.
+
+Cost model (lower is better), in FLOP-equivalents per device per step:
+
+    cost = F * (3 + r) / n                      compute: forward, backward (2F), recomputation rF
+         + FLOPS_PER_ICI_BYTE * comm            collectives (ring algorithms, bytes per device)
+         + FLOPS_PER_HBM_BYTE * 3 P (m - 1)     re-reading parameters and the gradient
+                                                accumulator once per extra microbatch
+
+F is the model's forward FLOPs for the global batch (2 per multiply-add of
+every matmul, plus attention's QK^T and AV, Kaplan et al. 2020 sec. 2.1), r
+the fraction recomputed by the policy (full: the whole layer stack; dots: only
+elementwise work, ~1%; dots_no_batch: attention's batched einsums; save:<tag>:
+the layer minus the matmuls upstream of the kept tensor; time chunks: one more
+forward pass of the recurrence, Chen et al. 2016). Communication: data
+parallelism all-reduces gradients (2 (n-1)/n P); FSDP all-gathers parameters
+for the forward and again for the backward pass (and for recomputation under
+remat) and reduce-scatters gradients, each (f-1)/f P per microbatch
+(Rajbhandari et al. 2020, sec. 7). The two ratios are a TPU v5e's
+(197 TFLOP/s bf16; ~200 GB/s ICI and 819 GB/s HBM per chip): what matters is
+their order of magnitude, which makes recomputation cheap next to moving
+bytes between chips and cheaper still than running out of memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import ml_collections
+
+from wm import config as config_lib
+from wm import models, parallel
+from wm.config import format_bytes
+from wm.memory import estimate as estimate_lib
+
+FLOPS_PER_ICI_BYTE = 1000.0
+FLOPS_PER_HBM_BYTE = 240.0
+MAX_COMPILES = 4  # candidates tried against the compiler before giving up
+
+
+class BudgetTooSmall(ValueError):
+  """No candidate of the search space fits the budget.
+
+  Attributes:
+    budget: the budget in bytes.
+    smallest: the smallest estimated total over the search space, in bytes:
+      the smallest budget that would fit.
+    dominant: the term that dominates that smallest candidate.
+    candidate: that candidate (a `Candidate`).
+  """
+
+  def __init__(self, message: str, *, budget: int, smallest: int, dominant: str, candidate: Any = None):
+    super().__init__(message)
+    self.budget, self.smallest, self.dominant, self.candidate = budget, smallest, dominant, candidate
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+  """One point of the search space with its estimate and cost."""
+  policy: str
+  microbatches: int
+  time_chunk: int
+  mesh: dict[str, int]  # data, fsdp, tensor
+  estimate: estimate_lib.Estimate
+  flops: float  # per device per step, including recomputation
+  comm_bytes: float  # per device per step
+  cost: float
+
+  def overrides(self) -> dict[str, Any]:
+    return {"remat.policy": self.policy, "optim.microbatches": self.microbatches,
+            "remat.time_chunk": self.time_chunk, "mesh.data": self.mesh["data"], "mesh.fsdp": self.mesh["fsdp"],
+            "mesh.tensor": self.mesh["tensor"]}
+
+  def describe(self) -> str:
+    chunk = f", time_chunk {self.time_chunk}" if self.time_chunk else ""
+    return (f"remat {self.policy}, {self.microbatches} microbatch{'es' if self.microbatches > 1 else ''}{chunk}, "
+            f"mesh data={self.mesh['data']} fsdp={self.mesh['fsdp']} tensor={self.mesh['tensor']}")
+
+  def record(self) -> dict[str, Any]:
+    return {"remat_policy": self.policy, "microbatches": self.microbatches, "time_chunk": self.time_chunk,
+            "mesh": dict(self.mesh), "estimate_bytes": self.estimate.total, "phase": self.estimate.phase,
+            "terms": {t: getattr(self.estimate, t) for t in estimate_lib.TERMS},
+            "flops": self.flops, "comm_bytes": self.comm_bytes, "cost": self.cost}
+
+
+@dataclasses.dataclass
+class Plan:
+  """The planner's choice, how it was confirmed, and what else fitted."""
+  budget: int
+  chosen: Candidate
+  config: ml_collections.ConfigDict  # the input config with the choice applied
+  compiled: dict[str, Any] | None  # wm.memory.measure.compiled of the choice; None if not confirmed
+  confirm_note: str
+  runners_up: list[Candidate]
+  considered: int
+  fitting: int
+  rejected: list[dict[str, Any]]  # candidates whose compile exceeded the budget
+
+  @property
+  def margin(self) -> int:
+    """Budget minus the compiled total (minus the estimate when not compiled)."""
+    used = self.compiled["total_bytes"] if self.compiled else self.chosen.estimate.total
+    return self.budget - used
+
+  def record(self) -> dict[str, Any]:
+    return {"budget_bytes": self.budget, "chosen": self.chosen.record(),
+            "compiled_total_bytes": self.compiled["total_bytes"] if self.compiled else None,
+            "compiled": self.compiled, "confirmed": self.compiled is not None, "confirm_note": self.confirm_note,
+            "margin_bytes": self.margin, "considered": self.considered, "fitting": self.fitting,
+            "rejected_by_compile": self.rejected, "runners_up": [c.record() for c in self.runners_up]}
+
+
+# ---------------------------------------------------------------------------
+# Search space
+# ---------------------------------------------------------------------------
+
+def _divisors(n: int) -> list[int]:
+  return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def _is_recurrent(config: ml_collections.ConfigDict) -> bool:
+  m = config.model
+  return (m.name in ("lstm", "vrnn") or (m.name == "vae" and "lstm" in (m.encoder, m.decoder))
+          or (m.name == "mixture" and m.decoder == "lstm"))
+
+
+def policies(config: ml_collections.ConfigDict) -> list[str]:
+  tags = sorted(getattr(models.model_class(config.model.name), "REMAT_TAGS", ()) or ())
+  return ["none", "dots_no_batch", "dots", "full"] + [f"save:{t}" for t in tags]
+
+
+def time_chunks(config: ml_collections.ConfigDict) -> list[int]:
+  if not _is_recurrent(config):
+    return [config.remat.time_chunk]
+  t = config.data.seq_len
+  return [0] + [k for k in _divisors(t) if 2 <= k <= t // 2]
+
+
+def meshes(config: ml_collections.ConfigDict, num_devices: int) -> list[dict[str, int]]:
+  """data x fsdp splits of the devices, tensor kept from the config (fsdp = 1 first)."""
+  tensor = config.mesh.tensor if config.mesh.tensor > 0 else 1
+  if num_devices % tensor:
+    tensor = 1
+  rest = num_devices // tensor
+  out = []
+  for fsdp in _divisors(rest):
+    sizes = {"data": rest // fsdp, "fsdp": fsdp, "tensor": tensor}
+    if estimate_lib.fits_mesh(config, sizes):
+      out.append(sizes)
+  return out
+
+
+def microbatch_counts(config: ml_collections.ConfigDict, mesh: dict[str, int]) -> list[int]:
+  rules = dict(parallel.rules(config))
+  ways = math.prod(mesh.get(a, 1) for a in estimate_lib._axes(rules.get("batch")))
+  b = config.data.batch_size
+  return [m for m in _divisors(b) if (b // m) % ways == 0]
+
+
+# ---------------------------------------------------------------------------
+# Cost model
+# ---------------------------------------------------------------------------
+
+def _forward_flops(config: ml_collections.ConfigDict) -> tuple[float, float, dict[str, float]]:
+  """(forward FLOPs of the whole model, of the layer stack, per-part FLOPs of the stack) for the global batch."""
+  m, tokens = config.model, config.data.batch_size * config.data.seq_len
+  d, layers, v, t = m.d, m.layers, config.data.vocab_size, config.data.seq_len
+  head = 2 * tokens * d * v
+  if m.name == "transformer" or (m.name in ("vae", "mixture") and m.decoder == "transformer"):
+    e = d // m.heads
+    parts = {"qkv": 2 * tokens * d * (m.heads + 2 * m.kv_heads) * e,
+             "attention": 2 * 2 * tokens * t * m.heads * e,  # QK^T and AV over all keys (masked, not skipped)
+             "out": 2 * tokens * d * d, "mlp": 2 * 2 * tokens * d * m.mlp_ratio * d}
+  else:
+    parts = {"x_proj": 2 * tokens * d * 4 * d, "recurrence": 2 * tokens * d * 4 * d}
+  parts = {k: v * layers for k, v in parts.items()}
+  stack = sum(parts.values())
+  copies = 2 if m.name == "vae" else (m.components if m.name == "mixture" and m.mixture_heads == "separate" else 1)
+  heads = m.components if m.name == "mixture" else 1
+  return stack * copies + head * heads, stack * copies, parts
+
+
+def _recompute_fraction(policy: str, parts: dict[str, float], time_chunk: int, stack: float) -> float:
+  """FLOPs recomputed in the backward pass, as a multiple of the stack's forward FLOPs (see module doc)."""
+  if stack <= 0:
+    return 0.0
+  base, names = estimate_lib._policy_names(policy)
+  if "recurrence" in parts:  # LSTM: layer remat reruns the layer; time chunks rerun the recurrence
+    r = {"none": 0.0, "dots": 0.01}.get(base, 1.0)
+    if base == "save":
+      r = 1.0 - 0.5 * ("gates" in names)
+    if time_chunk:
+      r = max(r, parts["recurrence"] / stack)
+    return r + 0.01 * (base != "none")
+  upstream = {"qkv": ["qkv"], "attn_context": ["qkv", "attention"], "attn_out": ["qkv", "attention", "out"],
+              "mlp_hidden": ["mlp"]}
+  if base == "none":
+    return 0.0
+  if base == "dots":
+    return 0.01
+  if base == "dots_no_batch":
+    return parts["attention"] / stack + 0.01
+  if base in ("full", "offload"):
+    return 1.0
+  skipped = {p for n in names for p in upstream.get(n, [])}
+  kept = sum(parts[p] for p in skipped) - (parts["mlp"] / 2 if "mlp_hidden" in names else 0.0)
+  return max(1.0 - kept / stack, 0.0) + 0.01
+
+
+def cost(config: ml_collections.ConfigDict, policy: str, microbatches: int, time_chunk: int,
+         mesh: dict[str, int], est: estimate_lib.Estimate) -> tuple[float, float, float]:
+  """(FLOPs per device, communication bytes per device, cost) of one candidate."""
+  n = math.prod(mesh.values())
+  total, stack, parts = _forward_flops(config)
+  r = _recompute_fraction(policy, parts, time_chunk, stack)
+  flops = (3 * total + r * stack) / n
+  local = est.params  # parameter bytes on this device
+  fsdp, data = mesh["fsdp"], mesh["data"]
+  full = local * fsdp  # the parameters gathered over fsdp
+  comm = 0.0
+  if fsdp > 1:
+    gathers = 2 + (policy != "none")  # forward, backward, and the recomputation
+    comm += microbatches * (gathers + 1) * (fsdp - 1) / fsdp * full
+  if data > 1:
+    comm += 2 * (data - 1) / data * local
+  overhead = FLOPS_PER_HBM_BYTE * 3 * local * (microbatches - 1)
+  return flops, comm, flops + FLOPS_PER_ICI_BYTE * comm + overhead
+
+
+# ---------------------------------------------------------------------------
+# Planning
+# ---------------------------------------------------------------------------
+
+def with_choice(config: ml_collections.ConfigDict, candidate: Candidate) -> ml_collections.ConfigDict:
+  return config_lib.validate(config_lib.override(config, candidate.overrides()))
+
+
+def candidates(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
+               backend: str | None = None) -> list[Candidate]:
+  """Every candidate of the search space with its estimate and cost (unsorted)."""
+  n = num_devices or config.mesh.num_devices or jax.device_count()
+  out = []
+  for mesh in meshes(config, n):
+    for m in microbatch_counts(config, mesh):
+      for chunk in time_chunks(config):
+        for policy in policies(config):
+          levers = estimate_lib.Levers(policy, m, chunk, tuple(sorted(mesh.items())))
+          est = estimate_lib.estimate(config, n, backend=backend, levers=levers)
+          flops, comm, score = cost(config, policy, m, chunk, mesh, est)
+          out.append(Candidate(policy, m, chunk, dict(mesh), est, flops, comm, score))
+  return out
+
+
+def plan(config: ml_collections.ConfigDict, budget_bytes: int, num_devices: int | None = None, *,
+         confirm: bool = True, max_compiles: int = MAX_COMPILES) -> Plan:
+  """The cheapest configuration of the levers whose step fits `budget_bytes` per device.
+
+  Args:
+    config: a validated config; its model, data shapes, precision and
+      optimizer are kept, its remat, microbatches and mesh split are chosen.
+    budget_bytes: per-device budget.
+    num_devices: devices to plan for (default: config.mesh.num_devices, else
+      all devices JAX sees).
+    confirm: compile the winner (and, if it exceeds the budget, the next
+      candidates) with the real train step. Needs num_devices devices.
+    max_compiles: compiles to try before giving up.
+
+  Returns:
+    A `Plan`.
+
+  Raises:
+    BudgetTooSmall: no candidate's estimate fits (the message names the
+      smallest budget that would and its dominant term), or no compiled
+      candidate fits within `max_compiles` tries.
+  """
+  n = num_devices or config.mesh.num_devices or jax.device_count()
+  every = candidates(config, n)
+  if not every:
+    raise ValueError(f"no mesh of {n} devices fits the parameter shapes of {config.model.name}")
+  fitting = sorted((c for c in every if c.estimate.total <= budget_bytes), key=lambda c: (c.cost, c.estimate.total))
+  if not fitting:
+    smallest = min(every, key=lambda c: c.estimate.total)
+    dom = smallest.estimate.dominant()
+    raise BudgetTooSmall(
+        f"budget {format_bytes(budget_bytes)} per device is too small for this {config.model.name} "
+        f"({config.model.layers} layers, d={config.model.d}, batch {config.data.batch_size} x "
+        f"{config.data.seq_len}, {config.optim.name}, {config.precision.param_dtype}) on {n} device(s): "
+        f"the smallest estimate over {len(every)} candidates is {format_bytes(smallest.estimate.total)} "
+        f"({smallest.describe()}), dominated by {dom} ({format_bytes(getattr(smallest.estimate, dom))}). "
+        f"A budget of at least {format_bytes(smallest.estimate.total)} ({smallest.estimate.total} bytes) would fit"
+        + ("; or add devices to shard the model states." if dom in ("params", "grads", "optimizer") else "."),
+        budget=budget_bytes, smallest=smallest.estimate.total, dominant=dom, candidate=smallest)
+
+  rejected: list[dict[str, Any]] = []
+  if not confirm or n > jax.device_count():
+    note = ("not compiled: confirmation was turned off" if not confirm else
+            f"not compiled: planning for {n} devices but this process has {jax.device_count()} "
+            f"(use python -m wm memory --devices {n})")
+    chosen = fitting[0]
+    return Plan(budget_bytes, chosen, with_choice(config, chosen), None, note, fitting[1:6], len(every),
+                len(fitting), rejected)
+
+  from wm.memory import measure  # compiles; imported only when confirming
+  for candidate in fitting[:max_compiles]:
+    new = with_choice(config, candidate)
+    mesh = parallel.make_mesh(new.mesh, jax.devices()[:n])
+    compiled = measure.compiled(new, mesh)
+    if compiled["total_bytes"] <= budget_bytes:
+      rest = [c for c in fitting if c is not candidate][:5]
+      return Plan(budget_bytes, candidate, new, compiled, f"compiled on {compiled['backend']}", rest,
+                  len(every), len(fitting), rejected)
+    rejected.append({**candidate.record(), "compiled_total_bytes": compiled["total_bytes"]})
+  best = min(rejected, key=lambda r: r["compiled_total_bytes"])
+  raise BudgetTooSmall(
+      f"budget {format_bytes(budget_bytes)}: {len(fitting)} candidates fit by estimate, but the compiler puts the "
+      f"{len(rejected)} cheapest above it (smallest compiled: {format_bytes(best['compiled_total_bytes'])}). "
+      f"A budget of at least {format_bytes(best['compiled_total_bytes'])} would fit.",
+      budget=budget_bytes, smallest=best["compiled_total_bytes"], dominant=max(best["terms"], key=best["terms"].get))
+
+
+def apply(config: ml_collections.ConfigDict, budget_bytes: int) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+  """`plan` for the devices of this run; returns (config with the plan applied, a JSON-able record).
+
+  wm.train calls this when train.budget is set and stores the record in
+  workdir/config.json under "memory_plan".
+  """
+  result = plan(config, budget_bytes)
+  return result.config, result.record()

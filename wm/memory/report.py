@@ -1,0 +1,138 @@
+"""`python -m wm memory`: the estimate beside the compiler's figure, and a plan for a budget.
+
+    python -m wm memory --config configs/text_transformer.py [--budget 2GiB] [--devices N] [--json]
+
+Prints, per device, each term of the analytic estimate (wm.memory.estimate)
+beside the compiled step's memory_analysis() (wm.memory.measure), and with
+--budget the planner's choice (wm.memory.plan), its margin and the runners-up.
+--json prints one object with the schema documented in docs/memory.md
+(`"schema": "wm.memory/1"`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import jax
+import ml_collections
+
+from wm import config as config_lib
+from wm.config import format_bytes
+from wm.memory import estimate as estimate_lib
+from wm.memory import measure, plan as plan_lib
+
+SCHEMA = "wm.memory/1"
+CPU_PEAK_NOTE = "the CPU backend keeps no allocator statistics (memory_stats() is None); the compiled figure stands in"
+
+
+def _summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  m = config.model
+  return {"model": m.name, "layers": m.layers, "d": m.d, "vocab_size": config.data.vocab_size,
+          "batch_size": config.data.batch_size, "seq_len": config.data.seq_len,
+          "remat_policy": config.remat.policy, "time_chunk": config.remat.time_chunk,
+          "microbatches": config.optim.microbatches, "optimizer": config.optim.name,
+          "param_dtype": config.precision.param_dtype, "compute_dtype": config.precision.compute_dtype,
+          "mesh": {a: config.mesh[a] for a in ("data", "fsdp", "tensor")}}
+
+
+def _device_peak() -> tuple[int | None, str]:
+  peak = measure.device_peak_bytes()
+  if peak is None:
+    return None, CPU_PEAK_NOTE if jax.default_backend() == "cpu" else "not reported by this backend"
+  return peak, "memory_stats()['peak_bytes_in_use'] of the first local device (this process so far)"
+
+
+def collect(config: ml_collections.ConfigDict, budget: str | int | None = None) -> dict[str, Any]:
+  """Everything `main` prints, as the documented JSON object (raises BudgetTooSmall)."""
+  est = estimate_lib.estimate(config)
+  compiled = measure.compiled(config)
+  peak, note = _device_peak()
+  out: dict[str, Any] = {
+      "schema": SCHEMA,
+      "config": _summary(config),
+      "estimate": est.as_dict(),
+      "compiled": compiled,
+      "relative_error": (est.total - compiled["total_bytes"]) / compiled["total_bytes"],
+      "device_peak_bytes": peak,
+      "device_peak_note": note,
+      "plan": None,
+  }
+  if budget is not None:
+    budget_bytes = config_lib.parse_bytes(budget)
+    result = plan_lib.plan(config, budget_bytes, est.num_devices)
+    out["plan"] = result.record()
+  return out
+
+
+def _row(name: str, est: float | None, comp: float | None, note: str = "") -> str:
+  e = format_bytes(est) if est is not None else "-"
+  c = format_bytes(comp) if comp is not None else "-"
+  return f"  {name:<28} {e:>12} {c:>12}  {note}"
+
+
+def table(data: dict[str, Any]) -> str:
+  """The human-readable report."""
+  cfg, est, comp = data["config"], data["estimate"], data["compiled"]
+  lines = [f"{cfg['model']}: {cfg['layers']} layers, d={cfg['d']}, batch {cfg['batch_size']} x {cfg['seq_len']}, "
+           f"remat {cfg['remat_policy']}, microbatches {cfg['microbatches']}, time_chunk {cfg['time_chunk']}, "
+           f"{cfg['optimizer']}, {cfg['param_dtype']}/{cfg['compute_dtype']}",
+           f"per device, {est['num_devices']} device(s), mesh {est['mesh']}, compiled on {comp['backend']} "
+           f"({comp['device_kind']}); estimate peak phase: {est['phase']}",
+           "",
+           f"  {'term':<28} {'estimate':>12} {'compiler':>12}"]
+  for term in estimate_lib.TERMS:
+    lines.append(_row(term, est[term], None))
+  args_est = est["params"] + est["optimizer"] + est["inputs"]
+  temp_est = est["grads"] + est["activations"] + est["transient"]
+  lines += [
+      "  " + "-" * 56,
+      _row("state + batch (arguments)", args_est, comp["argument_size_in_bytes"], "params + optimizer + inputs"),
+      _row("temp", temp_est, comp["temp_size_in_bytes"], "grads + activations + transient"),
+      _row("output - alias", None, comp["output_size_in_bytes"] - comp["alias_size_in_bytes"],
+           "metrics (state is donated)"),
+      _row("total", est["total"], comp["total_bytes"], f"estimate {100 * data['relative_error']:+.1f}%"),
+      "",
+      f"  compiler fields: " + ", ".join(f"{k.replace('_in_bytes', '')}={v}" for k, v in comp.items()
+                                         if k.endswith("_in_bytes") and v is not None),
+      f"  flops per device per step: {comp['flops']:.4g}" if comp.get("flops") else "  flops: not reported",
+      f"  device peak: {format_bytes(data['device_peak_bytes'])}" if data["device_peak_bytes"] is not None
+      else f"  device peak: absent ({data['device_peak_note']})",
+  ]
+  p = data.get("plan")
+  if p:
+    ch = p["chosen"]
+    compiled_total = p["compiled_total_bytes"]
+    lines += ["", f"plan for a budget of {format_bytes(p['budget_bytes'])} per device "
+                  f"({p['fitting']} of {p['considered']} candidates fit by estimate):",
+              f"  chosen: remat {ch['remat_policy']}, microbatches {ch['microbatches']}, time_chunk {ch['time_chunk']}, "
+              f"mesh {ch['mesh']}",
+              f"  estimate {format_bytes(ch['estimate_bytes'])}, compiled "
+              + (format_bytes(compiled_total) if compiled_total is not None else f"- ({p['confirm_note']})")
+              + f", margin {format_bytes(p['margin_bytes'])}"]
+    for r in p["rejected_by_compile"]:
+      lines.append(f"  rejected by the compiler: remat {r['remat_policy']}, microbatches {r['microbatches']} "
+                   f"({format_bytes(r['compiled_total_bytes'])})")
+    if p["runners_up"]:
+      lines.append(f"  runners-up (by cost):")
+      lines.append(f"    {'remat':<20} {'micro':>5} {'chunk':>5} {'data':>4} {'fsdp':>4} {'estimate':>12} {'cost':>10}")
+      for r in p["runners_up"]:
+        lines.append(f"    {r['remat_policy']:<20} {r['microbatches']:>5} {r['time_chunk']:>5} {r['mesh']['data']:>4} "
+                     f"{r['mesh']['fsdp']:>4} {format_bytes(r['estimate_bytes']):>12} {r['cost'] / ch['cost']:>9.2f}x")
+  return "\n".join(lines)
+
+
+def main(config: ml_collections.ConfigDict, budget: str | None = None, as_json: bool = False) -> int:
+  """`python -m wm memory`; returns an exit code (1 when the budget cannot be met)."""
+  try:
+    data = collect(config, budget)
+  except plan_lib.BudgetTooSmall as e:
+    if as_json:
+      print(json.dumps({"schema": SCHEMA, "error": "budget_too_small", "message": str(e),
+                        "budget_bytes": e.budget, "smallest_budget_bytes": e.smallest,
+                        "dominant_term": e.dominant}, indent=2))
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(json.dumps(data, indent=2, default=str) if as_json else table(data))
+  return 0
