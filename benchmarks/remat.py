@@ -37,9 +37,9 @@ def transformer_config(quick: bool):
   c = config_lib.base_config()
   c.data.task = "text"
   c.data.seq_len = 256 if quick else 1024
-  c.data.batch_size = 2 if quick else 4
+  c.data.batch_size = 2
   c.model.name = "transformer"
-  c.model.d = 128 if quick else 256
+  c.model.d = 128
   c.model.layers = 4 if quick else 12
   c.model.heads = c.model.kv_heads = 4
   c.mesh.num_devices = 1
@@ -50,10 +50,10 @@ def lstm_config(quick: bool):
   c = config_lib.base_config()
   c.data.task = "text"
   c.data.seq_len = 256 if quick else 1024
-  c.data.batch_size = 4 if quick else 8
+  c.data.batch_size = 4
   c.model.name = "lstm"
-  c.model.d = 128 if quick else 256
-  c.model.layers = 2 if quick else 4
+  c.model.d = 128
+  c.model.layers = 2
   c.mesh.num_devices = 1
   return c
 
@@ -128,7 +128,7 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="smaller shapes (a few minutes on 2 cores)")
-  parser.add_argument("--steps", type=int, default=3, help="timed steps per policy (after one warm-up)")
+  parser.add_argument("--steps", type=int, default=2, help="timed steps per policy (after one warm-up)")
   parser.add_argument("--models", default="transformer,lstm")
   parser.add_argument("--out", help="also write the Markdown table here")
   args = parser.parse_args(argv)

@@ -30,8 +30,13 @@ def test_compiles_for_v5e_2x2_without_running():
   record = aot.compile_for_topology(tiny_config(), "v5e:2x2")
   assert record["backend"] == "tpu" and record["num_devices"] == 4
   assert record["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
-  for field in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "total_bytes"):
+  for field in ("argument_size_in_bytes", "output_size_in_bytes", "generated_code_size_in_bytes",
+                "peak_memory_in_bytes", "total_bytes"):
     assert record[field] > 0, field
+  # A program this small can keep its temporaries out of HBM's temp allocation (TPU reports 0 then).
+  assert record["temp_size_in_bytes"] >= 0
+  assert record["total_bytes"] == (record["argument_size_in_bytes"] + record["output_size_in_bytes"]
+                                   - record["alias_size_in_bytes"] + record["temp_size_in_bytes"])
   assert record["flops"] > 0
   # The TPU compiler's bytes and the analytic estimate for 4 devices are the same order of magnitude.
   assert 0.2 < record["estimate"]["total"] / record["total_bytes"] < 5

@@ -32,10 +32,42 @@ def config(name="transformer", dtype="float32", **model):
   return c
 
 
+# Tests compile with LLVM at -O0: half the CPU compile time of the default,
+# the same HLO (so the same buffers and the same math up to float rounding).
+FAST = {"xla_backend_optimization_level": 0}
+
+
+def jit(fn):
+  """jax.jit of fn(module, *args), the module passed as (static graph, state)."""
+  @functools.partial(jax.jit, static_argnums=0, compiler_options=FAST)
+  def run(graphdef, state, *args):
+    return fn(nnx.merge(graphdef, state), *args)
+
+  return lambda module, *args: run(*nnx.split(module), *args)
+
+
+_INITIAL_STATES = {}
+
+
+def init(make):
+  """make() with its parameter init compiled once (eagerly, every draw compiles alone).
+
+  Every `make` here seeds nnx.Rngs(0), and static settings (window, dropout,
+  remat, time chunk) change no parameter, so modules whose state has the same
+  structure, shapes and dtypes share one initial state.
+  """
+  graphdef, abstract = nnx.split(nnx.eval_shape(make))
+  leaves, treedef = jax.tree.flatten(abstract)
+  key = (treedef, tuple((x.shape, str(x.dtype)) for x in leaves))
+  if key not in _INITIAL_STATES:
+    _INITIAL_STATES[key] = jax.jit(lambda: nnx.state(make()), compiler_options=FAST)()
+  return nnx.merge(graphdef, _INITIAL_STATES[key])
+
+
 @functools.lru_cache(maxsize=None)
 def _build(name, dtype, items):
   module = {"lstm": lstm, "transformer": transformer}[name]
-  return module.Model(config(name, dtype, **dict(items)), rngs=nnx.Rngs(0))
+  return init(lambda: module.Model(config(name, dtype, **dict(items)), rngs=nnx.Rngs(0)))
 
 
 def build(name="transformer", dtype="float32", **model):
@@ -49,10 +81,11 @@ def tokens(b=2, t=16, vocab=37, seed=0):
 
 # Every model call is jitted: eager op-by-op dispatch compiles each small op
 # separately and is far slower than one compile of the whole function.
-forward = nnx.jit(lambda model, tok: model(tok))
-forward_loop = nnx.jit(lambda model, tok: model(tok, use_scan=False))
-decode = nnx.jit(lambda model, tok, state: model.decode_step(tok, state))
-attention = jax.jit(transformer.attention, static_argnames="window")
+forward = jit(lambda model, tok: model(tok))
+forward_loop = jit(lambda model, tok: model(tok, use_scan=False))
+decode = jit(lambda model, tok, state: model.decode_step(tok, state))
+forward_loss = jit(lambda model, batch: model.loss(batch, train=False)[0])
+attention = jax.jit(transformer.attention, static_argnames="window", compiler_options=FAST)
 
 
 def normal(seed, *shape):
@@ -87,7 +120,8 @@ def test_lm_loss_matches_numpy():
   logits = normal(0, 2, 5, 7) * 3
   targets = np.random.default_rng(1).integers(0, 7, (2, 5))
   weights = np.array([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]], np.float32)
-  loss, metrics = jax.jit(L.lm_loss)(logits, targets, weights)
+  lm_loss = jax.jit(L.lm_loss, compiler_options=FAST)
+  loss, metrics = lm_loss(logits, targets, weights)
   lg, tg, w = f64(logits), np.asarray(targets), f64(weights)
   logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
   xent = -np.take_along_axis(logp, tg[..., None], -1)[..., 0]
@@ -95,12 +129,12 @@ def test_lm_loss_matches_numpy():
   np.testing.assert_allclose(metrics["accuracy"], (w * (lg.argmax(-1) == tg)).sum() / w.sum(), rtol=1e-6)
   assert metrics["nll"] == metrics["loss"] == loss and metrics["weight"] == 7
   # No scored tokens: loss 0, not NaN.
-  assert jax.jit(L.lm_loss)(logits, targets, np.zeros_like(weights))[0] == 0
+  assert lm_loss(logits, targets, np.zeros_like(weights))[0] == 0
 
 
 def test_rope_preserves_norm_and_depends_on_relative_position():
   q, k = normal(0, 1, 1, 2, 8), normal(1, 1, 1, 2, 8)
-  rope = jax.jit(L.rope)
+  rope = jax.jit(L.rope, compiler_options=FAST)
   rot = lambda x, p: np.asarray(rope(x, np.array([[p]])), np.float64)
   np.testing.assert_allclose(np.linalg.norm(rot(q, 5)), np.linalg.norm(q), rtol=1e-5)
   dot = lambda pq, pk: np.sum(rot(q, pq) * rot(k, pk))
@@ -115,18 +149,19 @@ def test_rope_preserves_norm_and_depends_on_relative_position():
 def test_lstm_layer_matches_textbook_equations(dtype):
   d_in, d, b, t = 5, 8, 3, 7
   dt = L.dtype_of(dtype)
-  layer = lstm.LSTMLayer(d_in, d, forget_bias=1.0, param_dtype=jnp.float32, dtype=dt, rngs=nnx.Rngs(0))
+  layer = init(lambda: lstm.LSTMLayer(d_in, d, forget_bias=1.0, param_dtype=jnp.float32, dtype=dt,
+                                     rngs=nnx.Rngs(0)))
   bias = f64(layer.w_x.bias[...])
   np.testing.assert_array_equal(bias[d:2 * d], 1.0)  # forget gate starts at forget_bias
   np.testing.assert_array_equal(np.delete(bias, np.s_[d:2 * d]), 0.0)
   x, h0, c0 = normal(0, b, t, d_in), 0.5 * normal(1, b, d), 0.5 * normal(2, b, d)
-  y, (h, c) = nnx.jit(lambda m, *a: m(*a))(layer, x, h0.astype(dt), c0.astype(dt))
+  y, (h, c) = jit(lambda m, *a: m(*a))(layer, x, h0.astype(dt), c0.astype(dt))
   ref_y, ref_h, ref_c = np_lstm(f64(x), f64(layer.w_x.kernel[...]), bias, f64(layer.w_h[...]), f64(h0), f64(c0))
   for got, want in ((y, ref_y), (h, ref_h), (c, ref_c)):
     assert got.dtype == dt
     np.testing.assert_allclose(f64(got), want, **TOL[dtype])
   # The pure cell alone, one step.
-  (h1, c1), out = nnx.jit(lambda m, h, c, x: lstm.lstm_cell(m.cell_params(), (h, c), m.w_x(x)))(
+  (h1, c1), out = jit(lambda m, h, c, x: lstm.lstm_cell(m.cell_params(), (h, c), m.w_x(x)))(
       layer, h0.astype(dt), c0.astype(dt), x[:, 0])
   _, ref_h1, ref_c1 = np_lstm(f64(x[:, :1]), f64(layer.w_x.kernel[...]), bias, f64(layer.w_h[...]), f64(h0), f64(c0))
   np.testing.assert_allclose(f64(h1), ref_h1, **TOL[dtype])
@@ -136,12 +171,13 @@ def test_lstm_layer_matches_textbook_equations(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lstm_stack_scan_equals_step_loop(dtype):
-  stack = lstm.LSTMStack(5, 8, 3, dtype=L.dtype_of(dtype), rngs=nnx.Rngs(0))
+  # d_in != d: layer 0 stands alone, layers 1-2 run under the scan over layers.
+  stack = init(lambda: lstm.LSTMStack(5, 8, 3, dtype=L.dtype_of(dtype), rngs=nnx.Rngs(0)))
   x = normal(0, 2, 9, 5)
-  init = [(0.5 * normal(1 + i, 2, 8), 0.5 * normal(4 + i, 2, 8)) for i in range(3)]
-  y, final = nnx.jit(lambda m, x, s: m(x, s))(stack, x, init)
-  step = nnx.jit(lambda m, x, s: m.step(x, s))
-  state, ys = init, []
+  state0 = [(0.5 * normal(1 + i, 2, 8), 0.5 * normal(4 + i, 2, 8)) for i in range(3)]
+  y, final = jit(lambda m, x, s: m(x, s))(stack, x, state0)
+  step = jit(lambda m, x, s: m.step(x, s))
+  state, ys = state0, []
   for t in range(x.shape[1]):
     out, state = step(stack, x[:, t], state)
     ys.append(out)
@@ -151,20 +187,19 @@ def test_lstm_stack_scan_equals_step_loop(dtype):
     np.testing.assert_allclose(f64(c), f64(c2), **TOL[dtype])
 
 
-@pytest.mark.parametrize("chunk", [4, -1])
-def test_lstm_time_chunked_scan_equals_plain_scan(chunk):
+def test_lstm_time_chunked_scan_equals_plain_scan():
   x = normal(0, 2, 16, 5)
 
-  def run(time_chunk):
-    stack = lstm.LSTMStack(5, 8, 3, time_chunk=time_chunk, rngs=nnx.Rngs(0))
+  def run(time_chunk):  # -1: chunks of 4 = sqrt(16) steps
+    stack = init(lambda: lstm.LSTMStack(5, 8, 3, time_chunk=time_chunk, rngs=nnx.Rngs(0)))
 
     def loss(stack, x):
       y, final = stack(x)
       return jnp.sum(y ** 2) + jnp.sum(final[-1][1])
 
-    return nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))(stack, x)
+    return jit(lambda stack, x: nnx.value_and_grad(loss, argnums=(0, 1))(stack, x))(stack, x)
 
-  (v0, (g0, gx0)), (v1, (g1, gx1)) = run(0), run(chunk)
+  (v0, (g0, gx0)), (v1, (g1, gx1)) = run(0), run(-1)
   np.testing.assert_allclose(v1, v0, rtol=1e-6)
   np.testing.assert_allclose(gx1, gx0, rtol=1e-5, atol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), nnx.state(g1), nnx.state(g0))
@@ -262,8 +297,7 @@ def test_sliding_window_receptive_field_is_exact(layers, window):
   assert changed_positions(model, tokens(), at) == set(range(at, at + reach + 1))
 
 
-@pytest.mark.parametrize("window", [0, 4, 3])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window,dtype", [(0, "float32"), (4, "float32"), (3, "float32"), (4, "bfloat16")])
 def test_transformer_decode_with_kv_cache_reproduces_forward(window, dtype):
   model = build(dtype=dtype, **({"layers": 3} if window == 3 else {}), window=window)
   tok, length = tokens(), 16  # longer than the window: the ring buffer wraps
@@ -282,13 +316,13 @@ def test_dropout_only_in_training_and_reproducible():
   model = build(dropout=0.5)
   t = tokens()
   batch = {"inputs": t, "targets": t, "weights": jnp.ones(t.shape)}
-  loss = nnx.jit(lambda m, b, key: (m.loss(b, train=False, rngs=nnx.Rngs(key))[0],
-                                    m.loss(b, train=True)[0],  # no rngs: no dropout
-                                    m.loss(b, train=True, rngs=nnx.Rngs(key))[0]))
-  eval_loss, no_rngs, train_loss = loss(model, batch, jax.random.key(1))
-  assert eval_loss == no_rngs and train_loss != eval_loss
-  np.testing.assert_array_equal(train_loss, loss(model, batch, jax.random.key(1))[2])
-  assert train_loss != loss(model, batch, jax.random.key(2))[2]
+  loss = jit(lambda m, b, key: (m.loss(b, train=False, rngs=nnx.Rngs(key))[0],
+                                m.loss(b, train=True, rngs=nnx.Rngs(key))[0]))
+  eval_loss, train_loss = loss(model, batch, jax.random.key(1))
+  assert train_loss != eval_loss
+  np.testing.assert_array_equal(eval_loss, forward_loss(build(), batch))  # eval: exactly no dropout
+  np.testing.assert_array_equal(train_loss, loss(model, batch, jax.random.key(1))[1])
+  assert train_loss != loss(model, batch, jax.random.key(2))[1]
 
 
 # ----------------------------------------------------------------------------- both families

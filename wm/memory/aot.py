@@ -81,7 +81,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str) -> di
   mesh = topology_mesh(config, topology)
   record = measure.compiled(config, mesh)
   record["topology"] = topology
-  record["estimate"] = estimate_lib.estimate(config, num_devices=int(mesh.devices.size)).as_dict()
+  record["estimate"] = estimate_lib.estimate(config, num_devices=int(mesh.devices.size), backend="tpu").as_dict()
   return record
 
 

@@ -17,16 +17,21 @@ axes its logical names map to (FSDP is ZeRO-3: all three are sharded).
 
 Saved activations: what the backward pass keeps per layer (and per time step),
 by remat policy; the counts follow what our blocks tag and what XLA keeps (the
-model-specific derivations are on `_transformer` and `_lstm` below). Layers are
-scanned (Transformer) or looped (LSTM), and every layer's saved tensors are
-alive together when the backward pass starts.
+derivations are in the docstrings of `_transformer_layer`, `_lstm_layer` and
+`_activations`). Both stacks scan over layers, so every layer's saved tensors
+are alive together when the backward pass starts, next to every gradient
+(the scan's stacked gradient buffer) and, with microbatches, the gradient
+accumulator.
 
-Transient: the largest working set on top of the saved activations: the
-loss head (logits and their gradient), or the backward pass of one layer
-(which, under remat, first recomputes that layer's forward). When the
-gradients of all parameters exist and the activations are gone, the optimizer
-update needs one more gradient-sized buffer; if that moment is the larger one,
-it is the peak (`phase == "update"`) and the activation term is zero there.
+Transient: the largest working set on top of those: the loss head (logits
+and their gradient), or the backward pass of one layer (which, under remat,
+first recomputes that layer's forward). Unlike the saved counts these are
+not derivable from the model code alone (XLA fuses part of each
+recomputation into its consumers), so their coefficients are fitted to XLA's
+CPU buffer assignment and say so where they are defined. When the gradients
+exist and the activations are gone, the optimizer update needs one more
+gradient-sized buffer; if that moment is the larger one it is the peak
+(`phase == "update"`) and the activation term is zero there.
 """
 
 from __future__ import annotations
@@ -209,7 +214,6 @@ class _Acts:
   layer_transient: float  # one layer's backward working set (with recomputation)
   head_transient: float  # logits, their gradient and the loss head
   detail: dict[str, Any]
-  grads_at_peak: bool = True  # False when the peak is in the forward pass (before any gradient exists)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -455,7 +459,7 @@ def _activations(config: ml_collections.ConfigDict, dims: _Dims, levers: Levers,
     vrnn      one time scan over a cell with the LSTM stack (input 2d), the
               prior, posterior and decoder MLPs (width d) and a V-way softmax
               per step. Per step and sequence it keeps the LSTM's residuals
-              (16.5 d per layer, as above), about 12 d for the three MLPs,
+              (13.5 d per layer, as above), about 12 d for the three MLPs,
               the concatenations and the latent sample, and 3 V f32 for the
               step's logits, log-softmax and its gradient. With time chunks of
               k steps it keeps the carries (2 d per layer + z per chunk) and
@@ -480,7 +484,7 @@ def _activations(config: ml_collections.ConfigDict, dims: _Dims, levers: Levers,
     return _Acts(dec, dec_t, head, detail)
   # vrnn
   d, v, z, layers = dims.d, dims.vocab, m.latent_dim, m.layers
-  per_step = (layers * 16.5 * d + 12 * d + 4 * z + 3 * v) * _F32
+  per_step = (layers * 13.5 * d + 12 * d + 4 * z + 3 * v) * _F32
   chunk = remat_lib.resolve_time_chunk(levers.time_chunk, dims.t)
   if chunk:
     carries = dims.b * (dims.t // chunk) * (2 * layers * d + z) * _F32
@@ -556,8 +560,6 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     # stack's gathered weights are alive during its backward pass; under pure
     # data parallelism a second, all-reduced copy of the gradients is.
     transient_bwd += (whole_params - params) if sizes.get("fsdp", 1) > 1 else grads
-  if not acts.grads_at_peak:
-    live_grads = 0.0
   backward = live_grads + acts.saved + transient_bwd
   update = grads + _UPDATE_BUFFERS * grads
   if backward >= update:

@@ -47,6 +47,9 @@ def _device_peak() -> tuple[int | None, str]:
 def collect(config: ml_collections.ConfigDict, budget: str | int | None = None) -> dict[str, Any]:
   """Everything `main` prints, as the documented JSON object (raises BudgetTooSmall)."""
   est = estimate_lib.estimate(config)
+  planned = None
+  if budget is not None:  # first: an impossible budget fails before anything compiles
+    planned = plan_lib.plan(config, config_lib.parse_bytes(budget), est.num_devices).record()
   compiled = measure.compiled(config)
   peak, note = _device_peak()
   out: dict[str, Any] = {
@@ -57,12 +60,8 @@ def collect(config: ml_collections.ConfigDict, budget: str | int | None = None) 
       "relative_error": (est.total - compiled["total_bytes"]) / compiled["total_bytes"],
       "device_peak_bytes": peak,
       "device_peak_note": note,
-      "plan": None,
+      "plan": planned,
   }
-  if budget is not None:
-    budget_bytes = config_lib.parse_bytes(budget)
-    result = plan_lib.plan(config, budget_bytes, est.num_devices)
-    out["plan"] = result.record()
   return out
 
 

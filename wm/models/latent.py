@@ -19,14 +19,16 @@ LM's nats per token.
         posterior q(z_t|x_t, h_{t-1}), decoder p(x_t|z_t, h_{t-1}), and an LSTM
         recurrence on [x_t, z_t]; the ELBO sums over steps.
 
-Training (`loss(batch, train=True, rngs=..., step=...)`) returns nats per
-scored token, with beta_t from `kl_weight` and the free-bits floor; "nll" in
-the metrics is always the true bound (beta = 1, no floor), so the train loop's
-bits per byte are an upper bound on the model's. Evaluation
-(`loss(batch, train=False, rngs=...)`, also `evaluate`) adds per-sequence rec,
-kl, elbo (nats), the importance-weighted bound iw_nll (Burda et al. 2016) with
-`model.iw_samples` samples, active units, and for the mixture the exact nll,
-responsibilities and component usage.
+Interface (wm/models/__init__.py): `loss(batch, *, train, rngs, step)`.
+Training returns nats per scored token with beta_t from `kl_weight` (a
+function of `step`) and the free-bits floor; the metric "nll" is always the
+true bound (beta = 1, no floor), so the train loop's bits per byte bound the
+model's. Evaluation (`train=False`, also `evaluate`) is the true ELBO and
+adds the importance-weighted bound iw_nll (Burda et al. 2016) from
+`model.iw_samples` samples. Metrics: "nll" and "iw_nll_per_token" in nats per
+scored token; rec, kl, elbo, iw_nll, kl_term in nats per sequence (mean over
+the batch's sequences); active_units (Burda et al. 2016); for the mixture the
+exact nll, usage (mean responsibility per component) and mixing weights.
 
 Notation (wm/typing.py): b batch, t time, v vocab, d width, z latent dim,
 c mixture components, s importance samples.
@@ -142,17 +144,16 @@ def active_units(mu: Float[Array, "n z"], mask: Float[Array, "n"] | None = None)
   return jnp.sum((var > ACTIVE_UNIT_THRESHOLD).astype(jnp.float32))
 
 
-def word_dropout(key: jax.Array, tokens: Tokens, rate: float, mask_token: int) -> Tokens:
-  """Replaces each decoder input token by `mask_token` with probability `rate`.
+def word_dropout(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array | None:
+  """Which decoder inputs to hide: a boolean mask, each position True with probability `rate`.
 
-  Bowman et al. 2016: a decoder that cannot always see the previous
-  tokens has to get more of the sequence from z, which counters posterior
-  collapse.
+  Bowman et al. 2016: a decoder that cannot always see the previous tokens
+  has to get more of the sequence from z, which counters posterior collapse.
+  None when the rate is 0.
   """
   if rate <= 0.0:
-    return tokens
-  drop = jax.random.bernoulli(key, rate, tokens.shape)
-  return jnp.where(drop, mask_token, tokens)
+    return None
+  return jax.random.bernoulli(key, rate, shape)
 
 
 def token_log_probs(logits: Float[Array, "... v"], targets: Int[Array, "..."]) -> tuple[jax.Array, jax.Array]:
@@ -270,8 +271,9 @@ class Decoder(nnx.Module):
     latent_dim: size of z; 0 builds an unconditioned LM.
     heads: output heads; the mixture's shared body uses one per component,
       giving logits [..., heads, v]. One head may be tied to the embedding.
-    mask_token: adds an embedding row `vocab` for word dropout's mask token
-      (never predicted: the head covers the real vocabulary only).
+    mask_token: adds a learned embedding that replaces word-dropped inputs
+      (Bowman et al. use <unk>; a separate vector rather than an extra
+      vocabulary row keeps the vocabulary dimension shardable).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, *, latent_dim: int = 0, heads: int = 1,
@@ -280,7 +282,10 @@ class Decoder(nnx.Module):
     kw = _precision(config)
     self.kind, self.vocab, self.num_heads = m.decoder, config.data.vocab_size, heads
     self.d, self.num_layers, self.dtype = m.d, m.layers, kw["dtype"]
-    self.embed = L.Embed(self.vocab + int(mask_token), m.d, rngs=rngs, **kw)
+    self.embed = L.Embed(self.vocab, m.d, rngs=rngs, **kw)
+    # Unit variance per coordinate, like the embedded tokens (layers.Embed).
+    self.mask_embedding = nnx.Param(jax.random.normal(rngs.params(), (m.d,), jnp.float32).astype(kw["param_dtype"]),
+                                    out_sharding=("embed",)) if mask_token else None
     self.body = _stack(config, m.decoder, rngs=rngs)
     # The Transformer stack ends with its own RMSNorm; the LSTM's outputs get one here (as in lstm.Model).
     self.norm = L.RMSNorm(m.d, **kw) if self.kind == "lstm" else None
@@ -306,8 +311,10 @@ class Decoder(nnx.Module):
     return [(jnp.tanh(hc[:, i, 0]).astype(self.dtype), hc[:, i, 1].astype(self.dtype))
             for i in range(self.num_layers)]
 
-  def _embed(self, tokens: jax.Array, z: jax.Array | None) -> jax.Array:
+  def _embed(self, tokens: jax.Array, z: jax.Array | None, dropped: jax.Array | None = None) -> jax.Array:
     x = self.embed(tokens)
+    if dropped is not None:
+      x = jnp.where(dropped[..., None], self.mask_embedding[...].astype(x.dtype), x)
     if self.kind == "transformer" and z is not None and self.z_proj is not None:
       shift = self.z_proj(z.astype(self.dtype))  # [b, d]
       x = x + (shift[:, None] if x.ndim == 3 else shift)
@@ -318,13 +325,20 @@ class Decoder(nnx.Module):
     if self.norm is not None:
       h = self.norm(h)
     if self.tied:
-      return self.embed.attend(h)[..., :self.vocab]
+      return self.embed.attend(h)
     return self.head(h).astype(jnp.float32)
 
-  def __call__(self, tokens: Tokens, z: Float[Array, "b z"] | None = None, *,
+  def __call__(self, tokens: Tokens, z: Float[Array, "b z"] | None = None, *, dropped: jax.Array | None = None,
                dropout_key: jax.Array | None = None) -> jax.Array:
-    """Next-token logits for every position of `tokens`, [b, t, v] or [b, t, heads, v]."""
-    x = parallel.constrain(self._embed(tokens, z), ("batch", "length", None))
+    """Next-token logits for every position of `tokens`, [b, t, v] or [b, t, heads, v].
+
+    Args:
+      tokens: inputs [b, t].
+      z: codes [b, z] to condition on, or None.
+      dropped: [b, t] True where word dropout hides the input (needs mask_token).
+      dropout_key: enables the stack's dropout.
+    """
+    x = parallel.constrain(self._embed(tokens, z, dropped), ("batch", "length", None))
     if self.kind == "lstm":
       h, _ = self.body(x, self._lstm_state(z, tokens.shape[0]), dropout_key=dropout_key)
     else:
@@ -382,7 +396,15 @@ def _generate(step: Callable[[nnx.Module, jax.Array, Any], tuple[jax.Array, Any]
   return out.T
 
 
-def _first_tokens(first: int | jax.Array, batch: int) -> jax.Array:
+def _first_tokens(first: int | jax.Array | None, batch: int, vocab: int) -> jax.Array:
+  """The token generation starts after, per sequence: `first`, or by default a newline.
+
+  Training windows start anywhere in the text, so any byte is a natural first
+  input except ones the corpus never contains (like NUL); newline (10) starts
+  a fresh line. Vocabularies without byte 10 start from token 0.
+  """
+  if first is None:
+    first = 10 if vocab == 256 else 0
   return jnp.broadcast_to(jnp.asarray(first, jnp.int32), (batch,))
 
 
@@ -402,20 +424,20 @@ class SequenceVAE(nnx.Module):
     self.vocab, self.latent_dim = config.data.vocab_size, m.latent_dim
     self.dtype = _precision(config)["dtype"]
     self.schedule, self.warmup, self.free_bits = m.kl_schedule, m.kl_warmup_steps, m.free_bits
-    self.word_dropout, self.iw_samples, self.dropout = m.word_dropout, m.iw_samples, m.dropout
+    self.word_dropout_rate, self.iw_samples, self.dropout = m.word_dropout, m.iw_samples, m.dropout
     self.encoder = Encoder(config, rngs=rngs)
-    # The mask row exists whatever the rate, so word_dropout can change on resume.
+    # The mask embedding exists whatever the rate, so word_dropout can change on resume.
     self.decoder = Decoder(config, latent_dim=m.latent_dim, mask_token=True, rngs=rngs)
 
   def encode(self, tokens: Tokens, weights: Weights | None = None) -> tuple[jax.Array, jax.Array]:
     """(mu, logvar) [b, z] of q(z|x) for sequences x = tokens."""
     return self.encoder(tokens, weights)
 
-  def _reconstruction(self, batch: Batch, z: jax.Array, inputs: Tokens | None = None,
+  def _reconstruction(self, batch: Batch, z: jax.Array, dropped: jax.Array | None = None,
                       dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(-log p(x|z) [b], correct predictions [b]), summed over scored tokens."""
-    inputs = batch["inputs"] if inputs is None else inputs
-    logp, correct = token_log_probs(self.decoder(inputs, z, dropout_key=dropout_key), batch["targets"])
+    logits = self.decoder(batch["inputs"], z, dropped=dropped, dropout_key=dropout_key)
+    logp, correct = token_log_probs(logits, batch["targets"])
     w = batch["weights"].astype(jnp.float32)
     return -jnp.sum(w * logp, axis=1), jnp.sum(w * correct, axis=1)
 
@@ -437,8 +459,8 @@ class SequenceVAE(nnx.Module):
     mask = _sequence_mask(w)
     mu, logvar = self.encode(batch["targets"], w)
     z = reparameterize(rngs.latent(), mu, logvar)
-    inputs = word_dropout(rngs.dropout(), batch["inputs"], self.word_dropout, self.vocab)
-    rec, correct = self._reconstruction(batch, z, inputs, rngs.dropout() if self.dropout > 0 else None)
+    dropped = word_dropout(rngs.dropout(), batch["inputs"].shape, self.word_dropout_rate)
+    rec, correct = self._reconstruction(batch, z, dropped, rngs.dropout() if self.dropout > 0 else None)
     kl_bd = gaussian_kl(mu, logvar)
     kl = jnp.sum(kl_bd, axis=1)
     beta = kl_weight(self.schedule, step, self.warmup)
@@ -472,49 +494,51 @@ class SequenceVAE(nnx.Module):
     return _map_samples(self, one, jax.random.split(key, samples))
 
   def evaluate(self, batch: Batch, *, rngs: nnx.Rngs | None = None) -> tuple[jax.Array, Metrics]:
-    """True bounds (beta = 1, no free bits) from `iw_samples` posterior samples.
+    """True bounds (beta = 1, no free bits) from `iw_samples` posterior samples z_i ~ q(z|x).
 
-    rec is averaged over the samples and kl is analytic, so elbo = -(rec + kl)
-    is the ELBO per sequence; iw_nll = -log (1/s) sum_i p(x, z_i) / q(z_i|x)
-    from the same samples (Burda et al. 2016), an upper bound on -log p(x)
-    that is tighter than -elbo in expectation. "nll" and "iw_nll_per_token"
-    are the same two bounds in nats per scored token.
+    Every term uses the same samples: rec = mean_i -log p(x|z_i), kl =
+    mean_i log q(z_i|x) - log p(z_i) (Monte Carlo; the closed form is
+    "kl_analytic"), so elbo = -(rec + kl) = mean_i log w_i, and
+    iw_nll = -log (1/s) sum_i w_i (Burda et al. 2016) satisfies
+    iw_nll <= -elbo for every sequence (Jensen), not only on average. "nll"
+    and "iw_nll_per_token" are the two bounds in nats per scored token.
     """
     w = batch["weights"].astype(jnp.float32)
     mask = _sequence_mask(w)
     mu, logvar = self.encode(batch["targets"], w)
     log_w, rec_s, correct_s = self.log_weights(batch, _key(rngs, "latent"), self.iw_samples, (mu, logvar))
     rec = jnp.mean(rec_s, axis=0)
-    kl = jnp.sum(gaussian_kl(mu, logvar), axis=1)
+    kl = jnp.mean(-log_w - rec_s, axis=0)  # log w_i = -rec_i - (log q(z_i|x) - log p(z_i))
     iw_nll = -importance_weighted_bound(log_w)
     total = jnp.maximum(jnp.sum(w), 1.0)
     nll = jnp.sum((rec + kl) * mask) / total
     metrics = {"loss": nll, "nll": nll, "accuracy": jnp.sum(jnp.mean(correct_s, axis=0)) / total,
                "weight": jnp.sum(w), "rec": _masked_mean(rec, mask), "kl": _masked_mean(kl, mask),
                "elbo": -_masked_mean(rec + kl, mask), "iw_nll": _masked_mean(iw_nll, mask),
-               "iw_nll_per_token": jnp.sum(iw_nll * mask) / total, "active_units": active_units(mu, mask)}
+               "iw_nll_per_token": jnp.sum(iw_nll * mask) / total, "active_units": active_units(mu, mask),
+               "kl_analytic": _masked_mean(jnp.sum(gaussian_kl(mu, logvar), axis=1), mask)}
     return nll, metrics
 
-  def decode_greedy(self, z: Float[Array, "b z"], length: int, *, first: int | jax.Array = 0) -> Tokens:
+  def decode_greedy(self, z: Float[Array, "b z"], length: int, *, first: int | jax.Array | None = None) -> Tokens:
     """argmax decoding of `length` tokens from codes z, starting after token `first`."""
     state = self.decoder.init_state(z.shape[0], length + 1, z)
     return _generate(lambda dec, tok, s: dec.step(tok, s, z), self.decoder, state,
-                     _first_tokens(first, z.shape[0]), length, None)
+                     _first_tokens(first, z.shape[0], self.vocab), length, None)
 
-  def sample(self, rngs: nnx.Rngs, batch: int, length: int, *, first: int | jax.Array = 0,
+  def sample(self, rngs: nnx.Rngs, batch: int, length: int, *, first: int | jax.Array | None = None,
              temperature: float = 1.0) -> Tokens:
     """Ancestral samples: z ~ N(0, I), then x ~ p(x|z) token by token after `first`."""
     z = jax.random.normal(rngs.latent(), (batch, self.latent_dim), jnp.float32)
     state = self.decoder.init_state(batch, length + 1, z)
     return _generate(lambda dec, tok, s: dec.step(tok, s, z), self.decoder, state,
-                     _first_tokens(first, batch), length, rngs.sample(), temperature)
+                     _first_tokens(first, batch, self.vocab), length, rngs.sample(), temperature)
 
   def num_params(self) -> int:
     return L.param_count(self)
 
   def state_bytes(self, context_len: int, batch: int = 1) -> int:
-    """Working memory (DESIGN.md): the code z plus the decoder's state, per sequence times batch."""
-    return (self.latent_dim * jnp.dtype(self.dtype).itemsize + self.decoder.state_bytes(context_len)) * batch
+    """Working memory (DESIGN.md): the code z (float32) plus the decoder's state, per sequence times batch."""
+    return (self.latent_dim * 4 + self.decoder.state_bytes(context_len)) * batch
 
 
 # ---------------------------------------------------------------------------
@@ -561,6 +585,7 @@ class Mixture(nnx.Module):
     m = config.model
     kw = _precision(config)
     self.k, self.shared, self.gated = m.components, m.mixture_heads == "shared", m.mixture_prior == "gated"
+    self.vocab = config.data.vocab_size
     self.dtype, self.dropout, self.anneal_steps = kw["dtype"], m.dropout, m.mixture_anneal_steps
     if self.shared:
       self.decoder = Decoder(config, heads=m.components, rngs=rngs)
@@ -693,9 +718,9 @@ class Mixture(nnx.Module):
 
     return run(self.decoder)
 
-  def sample(self, rngs: nnx.Rngs, batch: int, length: int, *, first: int | jax.Array = 0,
-             temperature: float = 1.0) -> tuple[Tokens, Int[Array, "b"]]:
-    """Ancestral samples: k ~ pi, then x ~ p_k token by token; returns (tokens, k)."""
+  def sample(self, rngs: nnx.Rngs, batch: int, length: int, *, first: int | jax.Array | None = None,
+             temperature: float = 1.0, return_components: bool = False) -> Tokens | tuple[Tokens, Int[Array, "b"]]:
+    """Ancestral samples: k ~ pi, then x ~ p_k token by token; tokens, or (tokens, k) if asked."""
     log_pi = jnp.broadcast_to(self.log_mixing_weights(), (batch, self.k))
     comp = jax.random.categorical(rngs.latent(), log_pi, axis=-1)
 
@@ -703,9 +728,9 @@ class Mixture(nnx.Module):
       logits, state = model._step_all(tokens, state)
       return jnp.take_along_axis(logits, comp[:, None, None], axis=1)[:, 0], state
 
-    tokens = _generate(step, self, self._init_state(batch, length + 1), _first_tokens(first, batch), length,
+    tokens = _generate(step, self, self._init_state(batch, length + 1), _first_tokens(first, batch, self.vocab), length,
                        rngs.sample(), temperature)
-    return tokens, comp
+    return (tokens, comp) if return_components else tokens
 
   def num_params(self) -> int:
     return L.param_count(self)
@@ -762,7 +787,7 @@ class VRNN(nnx.Module):
     self.post_out = dense(d, (2, z), ("mlp", None, "latent"))
     self.dec_hidden = dense(2 * d, d, ("embed", "mlp"))
     self.norm = L.RMSNorm(d, **kw)
-    self.head = dense(d, v, ("mlp", "vocab"), bias=False)
+    self.head = dense(d, v, ("embed", "vocab"), bias=False)
 
   # The three conditionals, each [b, ...] -> float32 outputs.
   def _prior(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -832,7 +857,8 @@ class VRNN(nnx.Module):
     nll = jnp.sum(s["rec"] + kl) / total
     metrics = {"loss": loss, "nll": nll, "accuracy": jnp.sum(s["correct"]) / total, "weight": jnp.sum(w),
                "rec": _masked_mean(s["rec"], mask), "kl": _masked_mean(kl, mask),
-               "elbo": -_masked_mean(s["rec"] + kl, mask), "beta": beta, "kl_term": kl_term / total,
+               "elbo": -_masked_mean(s["rec"] + kl, mask), "beta": beta,
+               "kl_term": kl_term / jnp.maximum(jnp.sum(mask), 1.0),
                "active_units": self._active_units(s["mu"], w)}
     return loss, metrics
 
@@ -843,25 +869,28 @@ class VRNN(nnx.Module):
   def evaluate(self, batch: Batch, *, rngs: nnx.Rngs | None = None) -> tuple[jax.Array, Metrics]:
     """True bounds (beta = 1, no free bits) from `iw_samples` posterior trajectories.
 
-    Metrics as SequenceVAE.evaluate; iw_nll is Burda et al.'s bound with
-    whole trajectories z_{1:T} ~ q as the importance samples.
+    Metrics as SequenceVAE.evaluate (all from the same samples, so
+    iw_nll <= -elbo per sequence); iw_nll is Burda et al.'s bound with whole
+    trajectories z_{1:T} ~ q as the importance samples. "kl_analytic" sums
+    the per-step closed-form KLs along the sampled trajectories.
     """
     w = batch["weights"].astype(jnp.float32)
     mask = _sequence_mask(w)
     keys = jax.random.split(_key(rngs, "latent"), self.iw_samples)
     s = _map_samples(self, lambda model, k: model._sequence_terms(batch, k), keys)  # leading [s]
     rec = jnp.mean(s["rec"], axis=0)
-    kl = jnp.mean(jnp.sum(s["kl_d"], axis=-1), axis=0)
+    kl = jnp.mean(-s["log_w"] - s["rec"], axis=0)  # Monte Carlo: sum_t log q(z_t|.) - log p(z_t|h)
     iw_nll = -importance_weighted_bound(s["log_w"])
     total = jnp.maximum(jnp.sum(w), 1.0)
     nll = jnp.sum(rec + kl) / total
     metrics = {"loss": nll, "nll": nll, "accuracy": jnp.sum(jnp.mean(s["correct"], axis=0)) / total,
                "weight": jnp.sum(w), "rec": _masked_mean(rec, mask), "kl": _masked_mean(kl, mask),
                "elbo": -_masked_mean(rec + kl, mask), "iw_nll": _masked_mean(iw_nll, mask),
-               "iw_nll_per_token": jnp.sum(iw_nll) / total, "active_units": self._active_units(s["mu"][0], w)}
+               "iw_nll_per_token": jnp.sum(iw_nll) / total, "active_units": self._active_units(s["mu"][0], w),
+               "kl_analytic": _masked_mean(jnp.mean(jnp.sum(s["kl_d"], axis=-1), axis=0), mask)}
     return nll, metrics
 
-  def sample(self, rngs: nnx.Rngs, batch: int, length: int, *, first: int | jax.Array = 0,
+  def sample(self, rngs: nnx.Rngs, batch: int, length: int, *, first: int | jax.Array | None = None,
              temperature: float = 1.0) -> Tokens:
     """Ancestral samples: z_t ~ p(z_t | h), x_t ~ p(x_t | z_t, h), token by token after `first`."""
     keys = jax.random.split(rngs.sample(), length)
@@ -877,7 +906,7 @@ class VRNN(nnx.Module):
       return (state, z, x), x
 
     carry = (self.rnn.init_state(batch), jnp.zeros((batch, self.latent_dim), jnp.float32),
-             _first_tokens(first, batch))
+             _first_tokens(first, batch, self.vocab))
     _, tokens = _scan_module(self, body, carry, keys)
     return tokens.T
 
@@ -885,7 +914,6 @@ class VRNN(nnx.Module):
     return L.param_count(self)
 
   def state_bytes(self, context_len: int, batch: int = 1) -> int:
-    """Working memory (DESIGN.md): the LSTM's (h, c) per layer plus z_{t-1}, per sequence times batch."""
+    """Working memory (DESIGN.md): the LSTM's (h, c) per layer plus z_{t-1} (float32), per sequence times batch."""
     del context_len
-    itemsize = jnp.dtype(self.dtype).itemsize
-    return (self.num_layers * 2 * self.d + self.latent_dim) * itemsize * batch
+    return (self.num_layers * 2 * self.d * jnp.dtype(self.dtype).itemsize + self.latent_dim * 4) * batch

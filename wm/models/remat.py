@@ -17,6 +17,12 @@ Blocks tag tensors with `jax.ad_checkpoint.checkpoint_name`; each model class
 lists its tags in `REMAT_TAGS`, and naming a tag a model does not have is an
 error (a policy that silently saves nothing would look like "full").
 
+Remat blocks belong inside a scan over layers, not a Python loop: in a loop
+nothing ties a block's recomputation to the arrival of its output gradient,
+and XLA (CPU, measured) schedules all of them early, so temp memory did not
+move at all (a 4-layer LSTM: 10.2 MB with and without "full"; 4.0 MB under
+a scan).
+
 Over time (recurrent models), `chunked_time_scan` is Chen et al. 2016's
 sqrt(n) checkpointing: a scan of T steps split into T/k chunks, each under
 `jax.checkpoint`, keeps only the T/k carries at chunk boundaries plus, during
@@ -31,7 +37,6 @@ from typing import Any, Callable
 
 import jax
 import jax.ad_checkpoint  # noqa: F401  (checkpoint_name lives here; needs the explicit import)
-import jax.numpy as jnp
 from flax import nnx
 
 # Every tag used by a model in wm.models, and what it holds. A model's
@@ -77,15 +82,11 @@ def checkpoint_policy(name: str, known_tags: set[str] | frozenset[str]) -> Calla
     ValueError: an unknown policy, or a tag not in known_tags.
   """
   cp = jax.checkpoint_policies
+  fixed = {"none": None, "full": cp.nothing_saveable, "dots": cp.checkpoint_dots,
+           "dots_no_batch": cp.dots_with_no_batch_dims_saveable}
+  if name in fixed:
+    return fixed[name]
   base = name.split(":", 1)[0]
-  if base == "none" and name == "none":
-    return None
-  if base == "full" and name == "full":
-    return cp.nothing_saveable
-  if base == "dots" and name == "dots":
-    return cp.checkpoint_dots
-  if base == "dots_no_batch" and name == "dots_no_batch":
-    return cp.dots_with_no_batch_dims_saveable
   if base == "save" and ":" in name:
     return cp.save_only_these_names(*_names(name, known_tags))
   if base == "offload" and ":" in name:

@@ -194,7 +194,12 @@ class TransformerStack(nnx.Module):
     return min(self.window, max_len) if self.window else max_len
 
   def init_cache(self, batch: int, max_len: int) -> Cache:
-    """Empty KV cache: a ring buffer of `window` slots, or max_len slots for full attention."""
+    """Empty KV cache: a ring buffer of `window` slots, or max_len slots for full attention.
+
+    Slots: min(window, max_len) with a window, else max_len. With window <=
+    max_len decoding may run past max_len (the ring only overwrites positions
+    that have left the window); otherwise at most max_len tokens fit.
+    """
     shape = (self.num_layers, batch, self.cache_slots(max_len), self.kv_heads, self.head_dim)
     return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype), "pos": jnp.zeros((), jnp.int32)}
 
