@@ -3,11 +3,12 @@
     python benchmarks/remat.py [--quick] [--steps 3] [--out results/remat.md]
 
 For the Transformer (12 layers, sequence length 1024) and the LSTM, every
-policy is compiled (wm.memory.measure.compiled: temp and total bytes per
-device) and run for a few steps on real arrays (median wall time of a step
-after one warm-up step). Ratios are against `none` of the same model, in the
-same run, so machine load affects both sides alike. Prints a Markdown table
-(and writes it to --out).
+policy's train step is compiled once (wm.memory.measure.compiled_step: temp
+and total bytes per device) and that executable is run on real arrays: after
+a warm-up step, steps of the policy alternate with steps of `none` and the
+time ratio is the median of the per-round ratios, so a shared machine's
+drifting load affects both sides alike. Prints a Markdown table (and writes
+it to --out).
 
 Acceptance (issue #4): on the 12-layer Transformer, `full` cuts compiled temp
 at least 5x against `none`, at a step time at most 1.4x.
@@ -67,28 +68,37 @@ CASES = {
 }
 
 
-def step_seconds(config, steps: int) -> float:
-  """Median wall time of one train step on random tokens, after a warm-up (compile) step."""
-  setup = step_lib.make_setup(config)
-  state = step_lib.init_state(setup)
-  train_step = step_lib.make_train_step(setup)
-  rng = np.random.default_rng(0)
-  b, t, v = config.data.batch_size, config.data.seq_len, config.data.vocab_size
-  batch = step_lib.global_batch(setup, {"inputs": rng.integers(0, v, (b, t), dtype=np.int32),
-                                        "targets": rng.integers(0, v, (b, t), dtype=np.int32),
-                                        "weights": np.ones((b, t), np.float32)})
-  state, metrics = train_step(state, batch)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(steps):
+class Runner:
+  """One compiled train step with its own state and batch; `step()` times one call.
+
+  The executable is the one measure.compiled_step compiles (the figure in the
+  table), called directly: no second compile for the timing.
+  """
+
+  def __init__(self, config):
+    self.exe, setup = measure.compiled_step(config)
+    self.memory = measure.memory_fields(self.exe)
+    self.state = step_lib.init_state(setup)
+    rng = np.random.default_rng(0)
+    b, t, v = config.data.batch_size, config.data.seq_len, config.data.vocab_size
+    self.batch = step_lib.global_batch(setup, {"inputs": rng.integers(0, v, (b, t), dtype=np.int32),
+                                               "targets": rng.integers(0, v, (b, t), dtype=np.int32),
+                                               "weights": np.ones((b, t), np.float32)})
+    self.step()  # warm-up
+
+  def step(self) -> float:
     start = time.perf_counter()
-    state, metrics = train_step(state, batch)
+    self.state, metrics = self.exe(self.state, self.batch)
     jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    return time.perf_counter() - start
 
 
 def run(models: list[str], quick: bool, steps: int) -> list[dict]:
+  """Per policy: compiled bytes, and step time measured alternately with `none`'s.
+
+  Alternating none / policy steps (median of the per-round ratios) keeps the
+  ratio honest on a shared machine whose load drifts during the run.
+  """
   rows = []
   for name in models:
     make, policies = CASES[name]
@@ -97,18 +107,28 @@ def run(models: list[str], quick: bool, steps: int) -> list[dict]:
       config = make(quick)
       config.remat.policy, config.remat.time_chunk = policy, chunk
       config = config_lib.validate(config)
-      comp = measure.compiled(config)
+      runner = Runner(config)
       est = estimate_lib.estimate(config)
-      seconds = step_seconds(config, steps)
-      row = {"model": name, "policy": policy + (" + time_chunk sqrt(T)" if chunk else ""), "temp": comp["temp_size_in_bytes"],
-             "total": comp["total_bytes"], "estimate": est.total, "seconds": seconds,
+      if base is None:
+        base, base_row = runner, None
+        times, ratios = [runner.step() for _ in range(steps)], [1.0]
+      else:
+        times, ratios = [], []
+        for _ in range(steps):
+          t_none = base.step()
+          times.append(runner.step())
+          ratios.append(times[-1] / t_none)
+      row = {"model": name, "policy": policy + (" + time_chunk sqrt(T)" if chunk else ""),
+             "temp": runner.memory["temp_size_in_bytes"], "total": runner.memory["total_bytes"],
+             "estimate": est.total, "seconds": statistics.median(times), "time_ratio": statistics.median(ratios),
              "shape": f"{config.model.layers}L d={config.model.d} B={config.data.batch_size} T={config.data.seq_len}"}
-      base = base or row
-      row["temp_ratio"] = base["temp"] / row["temp"]
-      row["time_ratio"] = row["seconds"] / base["seconds"]
+      base_row = base_row or row
+      row["temp_ratio"] = base_row["temp"] / row["temp"]
       rows.append(row)
-      print(f"  {name:12s} {row['policy']:32s} temp {format_bytes(row['temp']):>11}  step {seconds:.3f}s",
-            file=sys.stderr, flush=True)
+      if runner is not base:
+        del runner  # frees its state; `none` stays for the next comparison
+      print(f"  {name:12s} {row['policy']:32s} temp {format_bytes(row['temp']):>11}  step {row['seconds']:.3f}s "
+            f"({row['time_ratio']:.2f}x none)", file=sys.stderr, flush=True)
   return rows
 
 
@@ -128,7 +148,7 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="smaller shapes (a few minutes on 2 cores)")
-  parser.add_argument("--steps", type=int, default=2, help="timed steps per policy (after one warm-up)")
+  parser.add_argument("--steps", type=int, default=2, help="timed rounds per policy (after one warm-up)")
   parser.add_argument("--models", default="transformer,lstm")
   parser.add_argument("--out", help="also write the Markdown table here")
   args = parser.parse_args(argv)

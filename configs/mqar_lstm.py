@@ -32,17 +32,18 @@ def get_config(arg=None):
   if arg == "quick":
     c.data.seq_len = 64
     c.data.num_kv_pairs = 4
-    c.data.vocab_size = 512
+    c.data.vocab_size = 64
     c.data.batch_size = 64
     c.data.train_size = 50_000
     c.data.eval_size = 512
     c.model.d = 64
     c.optim.lr = 3e-3
+    c.optim.weight_decay = 0.0
     c.optim.warmup_steps = 100
-    c.train.steps = 1500
-    c.train.eval_every = 250
+    c.train.steps = 600
+    c.train.eval_every = 200
     c.train.log_every = 50
-    c.train.checkpoint_every = 500
+    c.train.checkpoint_every = 200
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; use 'quick' or nothing")
   return c

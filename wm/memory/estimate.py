@@ -283,6 +283,9 @@ _LSTM_TRANSIENT = {
     "none/chunk": (11.74, 2.55),
     "full/chunk": (14.36, 0.77),
 }
+# Parameter-sized buffers a chunked VRNN's outer time scan holds in its backward
+# pass (gradient accumulator, one chunk's gradients); measured on XLA CPU.
+_VRNN_CHUNK_GRADS = 1.7
 # Extra gradient-sized buffers alive during the optimizer update (the clipped
 # gradient / the update itself; moments and parameters are updated in place).
 _UPDATE_BUFFERS = 1
@@ -444,7 +447,7 @@ def _stack_acts(config: ml_collections.ConfigDict, kind: str, dims: _Dims, lever
 
 
 def _activations(config: ml_collections.ConfigDict, dims: _Dims, levers: Levers, layer_param_bytes: float,
-                 backend: str) -> _Acts:
+                 param_bytes: float, backend: str) -> _Acts:
   """Saved activations and transients of the config's model family.
 
   The latent models reuse the stacks (wm/models/latent.py):
@@ -462,8 +465,12 @@ def _activations(config: ml_collections.ConfigDict, dims: _Dims, levers: Levers,
               (13.5 d per layer, as above), about 12 d for the three MLPs,
               the concatenations and the latent sample, and 3 V f32 for the
               step's logits, log-softmax and its gradient. With time chunks of
-              k steps it keeps the carries (2 d per layer + z per chunk) and
-              the per-step inputs, and recomputes one chunk (the transient).
+              k steps it keeps the carries (2 d per layer + z per chunk), the
+              per-step inputs and outputs (KL and posterior mean, 2 z + 1 f32
+              per step), and recomputes one chunk (the transient); every
+              chunk's backward pass also makes a full set of parameter
+              gradients that the outer scan adds up, which with its other
+              buffers comes to about 1.7 parameter sizes (measured).
   """
   m = config.model
   tokens = dims.b * dims.t
@@ -488,8 +495,8 @@ def _activations(config: ml_collections.ConfigDict, dims: _Dims, levers: Levers,
   chunk = remat_lib.resolve_time_chunk(levers.time_chunk, dims.t)
   if chunk:
     carries = dims.b * (dims.t // chunk) * (2 * layers * d + z) * _F32
-    saved = carries + tokens * 3 * _F32  # the chunk inputs (tokens, targets, noise index)
-    transient = dims.b * chunk * per_step
+    saved = carries + tokens * (3 + 2 * z + 1) * _F32  # chunk inputs (tokens, targets, noise) and outputs
+    transient = dims.b * chunk * per_step + _VRNN_CHUNK_GRADS * param_bytes
   else:
     saved, transient = tokens * per_step, tokens * 4 * d * _F32
   return _Acts(saved, transient, 2 * tokens * 3 * _F32, {"saved_per_step": per_step, "time_chunk": chunk})
@@ -550,7 +557,7 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   dims = _dims(config, sizes, levers.microbatches)
   batch_ways = math.prod(sizes.get(a, 1) for a in _axes(rules.get("batch")))
   layer_param_bytes = stack_bytes / max(config.model.layers, 1)
-  acts = _activations(config, dims, levers, layer_param_bytes, backend)
+  acts = _activations(config, dims, levers, layer_param_bytes, params, backend)
   # inputs and targets int32, weights f32, this device's rows.
   inputs = config.data.batch_size / batch_ways * config.data.seq_len * 12
 
