@@ -8,8 +8,8 @@ import pytest
 from wm import config as config_lib
 from wm.memory import aot
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                reason="libtpu is not installed (pip install -e '.[tpu]')")
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu is not installed (pip install -e '.[tpu]')")
 
 
 def tiny_config():
@@ -26,6 +26,7 @@ def tiny_config():
   return config_lib.validate(c)
 
 
+@needs_libtpu
 def test_compiles_for_v5e_2x2_without_running():
   record = aot.compile_for_topology(tiny_config(), "v5e:2x2")
   assert record["backend"] == "tpu" and record["num_devices"] == 4
@@ -42,12 +43,25 @@ def test_compiles_for_v5e_2x2_without_running():
   assert 0.2 < record["estimate"]["total"] / record["total_bytes"] < 5
 
 
+@needs_libtpu
 def test_cli_prints_json(capsys):
   assert aot.main(tiny_config(), topology="v5e:2x2", as_json=True) == 0
   data = json.loads(capsys.readouterr().out)
   assert data["topology"] == "v5e:2x2" and data["total_bytes"] > 0
 
 
+@needs_libtpu
 def test_unknown_topology_is_a_clear_error(capsys):
   assert aot.main(tiny_config(), topology="v99:1x1") == 2
   assert "topology" in capsys.readouterr().err
+
+
+def test_without_libtpu_it_says_how_to_install(capsys, monkeypatch):
+  monkeypatch.setattr(aot, "libtpu_available", lambda: False)
+  assert aot.main(tiny_config(), topology="v5e:2x2") == 2
+  assert "pip install -e '.[tpu]'" in capsys.readouterr().err
+
+
+def test_topology_is_required(capsys):
+  assert aot.main(tiny_config(), topology=None) == 2
+  assert "--topology" in capsys.readouterr().err

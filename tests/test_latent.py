@@ -21,6 +21,7 @@ from wm.models import latent
 from wm.models import lstm, transformer
 
 B, T = 4, 12
+TRAINED_VAE = {"model.kl_schedule": "linear", "model.kl_warmup_steps": 20, "model.word_dropout": 0.2}
 
 
 def tiny(name, **overrides):
@@ -168,8 +169,8 @@ def test_importance_weighted_bound_is_above_elbo_and_grows_with_k():
   log_w = np.random.default_rng(0).normal(size=(8, 3)) * 3
   np.testing.assert_allclose(np.asarray(latent.importance_weighted_bound(jnp.asarray(log_w))),
                              np.log(np.mean(np.exp(log_w), 0)), rtol=1e-5)
-  model = build("vae")
-  batch = byte_batch()
+  model = build("vae", **TRAINED_VAE)  # the training test's model: evaluate() compiles once for both
+  batch = pattern_batch()
   ks, s, seeds = (1, 4, 16, 64), 64, 4
 
   @nnx.jit
@@ -211,8 +212,7 @@ def _standalone_components(model, config):
   return out
 
 
-@pytest.mark.parametrize("heads, prior, decoder", [
-    ("shared", "learned", "lstm"), ("separate", "gated", "lstm"), ("separate", "learned", "transformer")])
+@pytest.mark.parametrize("heads, prior, decoder", [("shared", "gated", "lstm"), ("separate", "learned", "transformer")])
 def test_mixture_log_likelihood_is_logsumexp_by_hand(heads, prior, decoder):
   overrides = {"model.mixture_heads": heads, "model.mixture_prior": prior, "model.decoder": decoder}
   model = build("mixture", **overrides)
@@ -406,7 +406,7 @@ def _train(model, batch, steps, lr):
 
 
 def test_short_training_lowers_the_negative_elbo():
-  model = build("vae", **{"model.kl_schedule": "linear", "model.kl_warmup_steps": 20, "model.word_dropout": 0.2})
+  model = build("vae", **TRAINED_VAE)
   batch = pattern_batch()
   before = run_evaluate(model, batch, jax.random.PRNGKey(1))[1]
   _train(model, batch, 40, 1e-2)

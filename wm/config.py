@@ -79,7 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.free_bits = 0.0  # per-dimension KL floor in nats (Kingma et al. 2016); 0 = off
   m.word_dropout = 0.0  # probability of replacing a decoder input token (Bowman et al. 2016)
   m.iw_samples = 16  # k of the importance-weighted bound at evaluation (Burda et al. 2016)
-  m.mixture_anneal_steps = 300  # mixture: responsibilities sharpen from uniform to exact over these steps (deterministic annealing, Ueda & Nakano 1998); 0 = exact from the start
+  m.mixture_anneal_steps = 300  # mixture: gradient responsibilities go uniform -> exact (Ueda & Nakano 1998); 0 = off
 
   c.precision = p = ml_collections.ConfigDict()
   p.param_dtype = "float32"  # storage of parameters and optimizer state

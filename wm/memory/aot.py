@@ -48,6 +48,9 @@ def _quiet_libtpu(topology: str) -> None:
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", pattern.format(chips=chips, cores=2 * chips))
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no GCE metadata server here
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # one host; else libtpu logs an error
+  # libtpu takes /tmp/libtpu_lockfile for the whole process by default; compiling
+  # for a topology attaches to no TPU, so other processes may do the same.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   import jax
   from jax._src import xla_bridge
   if not xla_bridge.backends_are_initialized():
@@ -63,8 +66,8 @@ def topology_mesh(config: ml_collections.ConfigDict, topology: str):
   try:
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
   except Exception as e:  # libtpu raises JaxRuntimeError / ValueError with its own wording
-    raise ConfigError(f"--topology {topology!r} is not a TPU topology libtpu knows ({e}); "
-                      f"use e.g. v5e:2x2, v5e:4x4, v5p:2x2x1, v4:2x2x1") from e
+    raise ConfigError(f"libtpu could not describe --topology {topology!r}: {e}\n"
+                      f"Topologies look like v5e:2x2, v5e:4x4, v5p:2x2x1, v4:2x2x1") from e
   devices = list(desc.devices)
   sizes = parallel.mesh_shape(config.mesh, len(devices))
   return topologies.make_mesh(desc, tuple(sizes[a] for a in parallel.AXES), parallel.AXES)

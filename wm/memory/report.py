@@ -93,7 +93,7 @@ def table(data: dict[str, Any]) -> str:
            "metrics (state is donated)"),
       _row("total", est["total"], comp["total_bytes"], f"estimate {100 * data['relative_error']:+.1f}%"),
       "",
-      f"  compiler fields: " + ", ".join(f"{k.replace('_in_bytes', '')}={v}" for k, v in comp.items()
+      "  compiler fields: " + ", ".join(f"{k.replace('_in_bytes', '')}={v}" for k, v in comp.items()
                                          if k.endswith("_in_bytes") and v is not None),
       f"  flops per device per step: {comp['flops']:.4g}" if comp.get("flops") else "  flops: not reported",
       f"  device peak: {format_bytes(data['device_peak_bytes'])}" if data["device_peak_bytes"] is not None
@@ -114,7 +114,7 @@ def table(data: dict[str, Any]) -> str:
       lines.append(f"  rejected by the compiler: remat {r['remat_policy']}, microbatches {r['microbatches']} "
                    f"({format_bytes(r['compiled_total_bytes'])})")
     if p["runners_up"]:
-      lines.append(f"  runners-up (by cost):")
+      lines.append("  runners-up (by cost):")
       lines.append(f"    {'remat':<20} {'micro':>5} {'chunk':>5} {'data':>4} {'fsdp':>4} {'estimate':>12} {'cost':>10}")
       for r in p["runners_up"]:
         lines.append(f"    {r['remat_policy']:<20} {r['microbatches']:>5} {r['time_chunk']:>5} {r['mesh']['data']:>4} "

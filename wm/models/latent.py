@@ -248,7 +248,7 @@ class Encoder(nnx.Module):
     if self.kind == "lstm":
       h, _ = self.body(x)
       # Index of the last scored position (the final state for unpadded rows).
-      last = jnp.maximum(jnp.max(jnp.where(weights > 0, jnp.arange(tokens.shape[1]), 0), axis=1), 0)
+      last = jnp.max(jnp.where(weights > 0, jnp.arange(tokens.shape[1]), 0), axis=1)
       pooled = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
     else:
       h = self.body(x)
