@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORKER = """
 import sys
-from wm import config as config_lib, train
+from wm import train
 from tests.test_train import tiny_config
 import pathlib
 tmp, workdir, address, num, pid = sys.argv[1:6]

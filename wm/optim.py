@@ -36,9 +36,9 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
   """The config's optimizer with clipping and schedule.
 
-  Bytes of state per parameter (used by `wm.memory.estimate`): adamw 2
-  (first and second moments), sgd with momentum 1, adagrad 1, adafactor about
-  (rows + cols) / (rows * cols) for matrices (Shazeer & Stern 2018).
+  State per parameter: adamw 2 values (first and second moments), sgd with
+  momentum 1, adagrad 1, adafactor about (rows + cols) / (rows * cols) for
+  matrices (Shazeer & Stern 2018); `wm.memory.estimate` counts the real state.
   """
   schedule = learning_rate_schedule(optim, total_steps)
   if optim.name == "adamw":
@@ -56,7 +56,3 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.
     opt = optax.chain(optax.clip_by_global_norm(optim.clip_norm), opt)
   return opt
 
-
-def optimizer_state_factor(name: str) -> float:
-  """Optimizer-state values per parameter value, for the analytic estimate."""
-  return {"adamw": 2.0, "sgd": 1.0, "adagrad": 1.0, "adafactor": 0.0}[name]

@@ -19,6 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from flax.core import spmd as flax_spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from wm.config import ConfigError
@@ -118,10 +119,7 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
   tests that never build a mesh.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  axis_rules = nnx.get_logical_axis_rules() if hasattr(nnx, "get_logical_axis_rules") else None
-  if axis_rules is None:
-    from flax.core import spmd
-    axis_rules = spmd.get_logical_axis_rules()
+  axis_rules = flax_spmd.get_logical_axis_rules()  # set by activate() through nnx.logical_axis_rules
   if mesh is None or mesh.empty or not axis_rules:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(logical, axis_rules))

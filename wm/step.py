@@ -267,6 +267,3 @@ def global_batch(setup: Setup, local: dict[str, np.ndarray]) -> dict[str, jax.Ar
 def model_from_state(setup: Setup, state: State) -> nnx.Module:
   return nnx.merge(setup.graphdef, state["params"], state["rest"])
 
-
-def param_count(state: State) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"]))

@@ -31,6 +31,7 @@ from absl import logging
 from wm import config as config_lib
 from wm import parallel, step as step_lib
 from wm.data import pipeline
+from wm.memory import measure
 
 # Fields that fix the shapes and meaning of a checkpoint. A workdir holding
 # checkpoints made with different values cannot be resumed by this config.
@@ -151,12 +152,6 @@ def evaluate(config, setup, state, eval_step, *, max_batches: int | None = None)
   return _derived(config, step_lib.finish_sums(jax.device_get(sums)))
 
 
-def device_peak_bytes() -> int | None:
-  """Peak bytes in use on this process's first device, where the backend reports it (GPU/TPU; not CPU)."""
-  stats = jax.local_devices()[0].memory_stats()
-  return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_after_step: int | None = None) -> dict[str, Any]:
   """Trains `config`, writing records and checkpoints to `workdir`; resumes if it can.
@@ -241,7 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       line = {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()) for k, v in means.items()}
       line["tokens_per_s"] = len(window) * tokens_per_step / elapsed
       line["step_time_s"] = elapsed / len(window)
-      peak = device_peak_bytes()
+      peak = measure.device_peak_bytes()
       if peak is not None:
         line["device_peak_bytes"] = peak
       records.write(step, "train", _derived(config, line))
