@@ -132,7 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.steps = 1000
   t.log_every = 50
   t.eval_every = 200
-  t.eval_batches = 8  # 0 = the whole validation split
+  t.eval_batches = 8  # 0 = the whole validation split; N = a fixed seeded sample of N batches drawn from all of it
   t.checkpoint_every = 500
   t.max_to_keep = 3
   t.progress = True  # tqdm progress bar on process 0

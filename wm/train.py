@@ -136,20 +136,65 @@ def _derived(config: ml_collections.ConfigDict, metrics: dict[str, Any]) -> dict
   return metrics
 
 
-def evaluate(config, setup, state, eval_step, *, max_batches: int | None = None) -> dict[str, Any]:
-  """Mean metrics over the validation split (or its first `max_batches` batches)."""
-  it = pipeline.make_iterator(config, "validation", shuffle=False, num_epochs=1)
+# The evaluation sample is drawn with a fixed seed, not config.seed, so runs
+# that differ only in their seed (or anything else) score the same examples.
+EVAL_SAMPLE_SEED = 20161
+
+
+def eval_indices(num_examples: int, batch_size: int, max_batches: int) -> np.ndarray:
+  """Which validation examples an evaluation scores, in file order.
+
+  The whole split when `max_batches` is 0 or covers it; otherwise a uniform
+  sample without replacement of `max_batches * batch_size` examples drawn
+  from the whole split with a fixed seed, so every evaluation (of this run and
+  of any other run on the same split) scores the same examples, and a split
+  whose documents are sorted by source or date is not judged by its head.
+  """
+  wanted = max_batches * batch_size
+  if not max_batches or wanted >= num_examples:
+    return np.arange(num_examples)
+  rng = np.random.default_rng(EVAL_SAMPLE_SEED)
+  return np.sort(rng.choice(num_examples, size=wanted, replace=False))
+
+
+def _eval_batches(config: ml_collections.ConfigDict, max_batches: int):
+  """This process's rows of each global evaluation batch (numpy dicts).
+
+  Rows are dealt to processes as the training iterator deals them (global row
+  r to process r mod process_count). The last batch is filled with weight-0
+  copies of an example, so every chosen example is scored exactly once.
+  """
+  source = pipeline.examples(config, "validation")
+  batch, count, index = config.data.batch_size, jax.process_count(), jax.process_index()
+  order = eval_indices(len(source), batch, max_batches)
+  for start in range(0, len(order), batch):
+    rows = [source[int(i)] for i in order[start:start + batch][index::count]]
+    pad = {k: np.zeros_like(v) for k, v in source[int(order[0])].items()}
+    rows += [pad] * (batch // count - len(rows))
+    yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def evaluate(config, setup, state, eval_step, *, max_batches: int = 0) -> dict[str, Any]:
+  """Mean metrics over the validation split, or over a seeded sample of `max_batches` batches of it.
+
+  The result holds `eval_tokens` (scored target tokens) and `eval_examples`.
+  """
   key = jax.random.PRNGKey(config.seed + 2)  # the same latent samples at every evaluation
-  sums = None
-  for i, local in enumerate(it):
-    if max_batches and i >= max_batches:
-      break
+  sums, examples = None, 0
+  for i, local in enumerate(_eval_batches(config, max_batches)):
+    examples += int(np.sum(np.any(local["weights"] > 0, axis=1)))
     out = eval_step(state, step_lib.global_batch(setup, local), jax.random.fold_in(key, i))
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   if sums is None:
-    raise ValueError(f"the validation split of {config.data.task!r} has fewer examples than one batch "
-                     f"({config.data.batch_size}); raise data.eval_size or lower data.batch_size")
-  return _derived(config, step_lib.finish_sums(jax.device_get(sums)))
+    raise ValueError(f"the validation split of {config.data.task!r} is empty; raise data.eval_size "
+                     f"or give the validation split more text")
+  metrics = _derived(config, step_lib.finish_sums(jax.device_get(sums)))
+  if jax.process_count() > 1:  # each process counted its own rows
+    from jax.experimental import multihost_utils
+    examples = int(np.sum(multihost_utils.process_allgather(np.array([examples]))))
+  metrics["eval_tokens"] = int(round(metrics["weight"]))
+  metrics["eval_examples"] = examples
+  return metrics
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,

@@ -419,6 +419,8 @@ def _lstm_layer(config: ml_collections.ConfigDict, dims: _Dims, policy: str,
   base, names = _policy_names(policy)
   if base == "offload":
     base = "save" if backend == "cpu" else "full"
+  if base == "dots_no_batch":  # every LSTM matmul has a batch dimension: nothing is saveable, as under full
+    base = "full"
   if base == "none" and k:
     per_token = d * c + 4.5 * d / tp * _F32
     saved = tokens * per_token + 2 * b * (t // k) * d * c
