@@ -294,6 +294,134 @@ def test_text_files_builder_and_packed_batches(tmp_path):
   assert pipeline.bytes_per_token(config) == 1.0 and config.data.vocab_size == 256
 
 
+def split_texts(config):
+  """Each prepared split's documents: [(path, text bytes)]."""
+  import tensorflow_datasets as tfds
+  source = tfds.builder_from_directory(pipeline.dataset_path(config)).as_data_source()
+  return {s: [(r["path"].decode(), r["text"]) for r in (source[s][i] for i in range(len(source[s])))]
+          for s in source}
+
+
+def stream_of(config, split):
+  """The bytes a split's batches hold, in order (no shuffle), each chunk rebuilt from inputs + last target."""
+  batches = list(pipeline.make_iterator(config, split, shuffle=False, num_epochs=1))
+  got = np.concatenate([np.concatenate([b["inputs"], b["targets"][:, -1:]], axis=1) for b in batches])
+  return got.astype(np.uint8).tobytes()
+
+
+def test_penn_treebank_layout_trains_on_the_train_file(tmp_path):
+  """ptb.train.txt (large), ptb.valid.txt (small), ptb.test.txt go to their splits, whatever their hashes."""
+  rng = np.random.default_rng(0)
+  words = [b"the", b"market", b"n't", b"<unk>", b"$", b"N", b"stock", b"said"]
+  def sentences(n):
+    return b"".join(b" " + b" ".join(words[i] for i in rng.integers(0, len(words), 12)) + b" \n" for _ in range(n))
+  files = {"ptb.train.txt": sentences(400), "ptb.valid.txt": sentences(30), "ptb.test.txt": sentences(40)}
+  (tmp_path / "ptb").mkdir()
+  for name, body in files.items():
+    (tmp_path / "ptb" / name).write_bytes(body)
+  for spec in (str(tmp_path / "ptb"), str(tmp_path / "ptb" / "ptb.*.txt")):
+    config = make_config("text", tmp_path / "tfds", text_source="files", text_files=spec, seq_len=32, batch_size=4)
+    pipeline.prepare(config)
+    assert split_texts(config) == {"train": [("ptb.train.txt", files["ptb.train.txt"])],
+                                   "validation": [("ptb.valid.txt", files["ptb.valid.txt"])],
+                                   "test": [("ptb.test.txt", files["ptb.test.txt"])]}
+    for split, name in (("train", "ptb.train.txt"), ("validation", "ptb.valid.txt"), ("test", "ptb.test.txt")):
+      stream = stream_of(config, split)
+      assert len(stream) > 0 and stream == (files[name] + b"\0")[:len(stream)]
+  assert "-names-" in pipeline.dataset_path(config)
+
+
+def test_a_single_file_splits_by_position(tmp_path):
+  body = np.random.default_rng(1).integers(1, 256, 10_007, dtype=np.uint8).tobytes()
+  (tmp_path / "enwik8").write_bytes(body)
+  config = make_config("text", tmp_path / "tfds", text_source="files", text_files=str(tmp_path / "enwik8"),
+                       seq_len=16, batch_size=2)
+  corpus = text.layout(config.data.text_files)
+  assert corpus.rule == "position"
+  cuts = [(p.begin, p.end) for s in ("train", "validation", "test") for p in corpus.splits[s]]
+  assert cuts == [(0, 9006), (9006, 9506), (9506, 10_007)]  # 90 / 5 / 5 percent, floor of each cut
+  pipeline.prepare(config)
+  texts = split_texts(config)
+  assert [p for s in ("train", "validation", "test") for p, _ in texts[s]] == [
+      "enwik8[0:9006]", "enwik8[9006:9506]", "enwik8[9506:10007]"]
+  # No overlap and full coverage: the three splits laid end to end are the file.
+  assert b"".join(texts[s][0][1] for s in ("train", "validation", "test")) == body
+  for split, (begin, end) in zip(("train", "validation", "test"), cuts):
+    stream = stream_of(config, split)
+    assert len(stream) == ((end - begin + 1) // 17 // 2) * 2 * 17 and stream == body[begin:begin + len(stream)]
+
+
+def test_explicit_split_patterns(tmp_path):
+  for folder in ("a", "b", "c"):
+    (tmp_path / folder).mkdir()
+  bodies = {"a/one.txt": b"first training file\n" * 5, "a/two.txt": b"second training file\n" * 5,
+            "b/held_out.txt": b"validation text here\n" * 3, "c/final.txt": b"test text here\n" * 3}
+  for name, body in bodies.items():
+    (tmp_path / name).write_bytes(body)
+  spec = f"train={tmp_path}/a/*.txt; valid={tmp_path}/b/held_out.txt; test={tmp_path}/c/final.txt"
+  config = make_config("text", tmp_path / "tfds", text_source="files", text_files=spec, seq_len=8, batch_size=2)
+  pipeline.prepare(config)
+  assert split_texts(config) == {"train": [("a/one.txt", bodies["a/one.txt"]), ("a/two.txt", bodies["a/two.txt"])],
+                                 "validation": [("b/held_out.txt", bodies["b/held_out.txt"])],
+                                 "test": [("c/final.txt", bodies["c/final.txt"])]}
+  assert stream_of(config, "test") == (bodies["c/final.txt"] + b"\0")[:len(stream_of(config, "test"))]
+  with pytest.raises(text.CorpusError, match="in both the train and the validation split"):
+    text.layout(f"train={tmp_path}/a/*.txt;validation={tmp_path}/a/one.txt")
+  with pytest.raises(text.CorpusError, match="no file for the validation split"):
+    text.layout(f"train={tmp_path}/a/*.txt;test={tmp_path}/c/final.txt")
+  with pytest.raises(text.CorpusError, match="has no SPLIT="):
+    text.layout(f"train={tmp_path}/a/*.txt;{tmp_path}/b/held_out.txt")
+  with pytest.raises(text.CorpusError, match="separate plain patterns with ','"):
+    text.layout(f"{tmp_path}/a/one.txt;{tmp_path}/a/two.txt")
+
+
+@pytest.mark.parametrize("path,split", [
+    ("ptb.train.txt", "train"), ("ptb.valid.txt", "validation"), ("ptb.test.txt", "test"),
+    ("wiki.train.tokens", "train"), ("wiki.valid.tokens", "validation"), ("validation.txt", "validation"),
+    ("dev-clean.txt", "validation"), ("train_00001.txt", "train"), ("data/test/0001.txt", "test"),
+    ("data/TRAIN/doc.txt", "train"), ("trainer.py", None), ("contest.txt", None), ("train_test_split.py", None),
+    ("enwik8", None), ("test/valid/x.txt", "validation")])
+def test_split_names(path, split):
+  assert text.named_split(path) == split
+
+
+def test_corpus_errors_name_the_path_and_the_fix(tmp_path):
+  (tmp_path / "empty.txt").write_bytes(b"")
+  (tmp_path / "ptb").mkdir()
+  (tmp_path / "ptb" / "ptb.train.txt").write_bytes(b"x" * 5000)
+  (tmp_path / "ptb" / "ptb.valid.txt").write_bytes(b"tiny")
+  missing = str(tmp_path / "nothing" / "*.txt")
+  with pytest.raises(text.CorpusError) as e:
+    text.layout(missing)
+  assert missing in str(e.value) and "matches no file" in str(e.value)
+  with pytest.raises(text.CorpusError, match=f"{tmp_path / 'empty.txt'} is empty"):
+    text.layout(str(tmp_path / "empty.txt"))
+  short = make_config("text", tmp_path / "tfds", text_source="files", text_files=str(tmp_path / "ptb"), seq_len=64)
+  with pytest.raises(text.CorpusError) as e:
+    pipeline.prepare(short)
+  assert "validation split packs into 5 bytes" in str(e.value) and "data.seq_len=64 needs 65" in str(e.value)
+  # A README beside the named files is ambiguous: say so rather than guess.
+  (tmp_path / "ptb" / "README").write_text("Penn Treebank, Mikolov's version\n")
+  with pytest.raises(text.CorpusError, match="do not \\(README\\)"):
+    text.layout(str(tmp_path / "ptb"))
+  # All of them are configuration errors: the command line prints the message, not a traceback.
+  assert issubclass(text.CorpusError, config_lib.ConfigError)
+
+
+def test_prepared_corpus_name_follows_the_files_and_the_split_rule(tmp_path):
+  (tmp_path / "train.txt").write_bytes(b"some training text\n" * 50)
+  (tmp_path / "valid.txt").write_bytes(b"some validation text\n" * 10)
+  def name(spec):
+    return pipeline.dataset_path(make_config("text", tmp_path, text_source="files", text_files=spec))
+  by_names = name(str(tmp_path / "*.txt"))
+  swapped = name(f"train={tmp_path}/valid.txt;validation={tmp_path}/train.txt")
+  one_file = name(str(tmp_path / "train.txt"))
+  assert len({by_names, swapped, one_file}) == 3
+  assert name(str(tmp_path / "*.txt")) == by_names  # a function of the files and the rule alone
+  os.utime(tmp_path / "valid.txt", ns=(0, 0))
+  assert name(str(tmp_path / "*.txt")) != by_names  # an edited file prepares anew
+
+
 def test_stdlib_corpus_prepares_offline(tmp_path):
   import tensorflow_datasets as tfds
   config = make_config("text", tmp_path, text_source="stdlib", seq_len=64, batch_size=4)
@@ -302,8 +430,12 @@ def test_stdlib_corpus_prepares_offline(tmp_path):
   assert time.perf_counter() - start < 30
   root, files = text.stdlib_files()
   assert len(files) > 100 and not any("site-packages" in f or f.startswith("test/") for f in files)
+  # The corpus is as it was before layouts: its name, its split by path hash.
+  assert os.path.basename(os.path.dirname(pipeline.dataset_path(config))) == (
+      f"stdlib-{text.stdlib_tag()}-{text.fingerprint(root, files)}")
   source = tfds.builder_from_directory(pipeline.dataset_path(config)).as_data_source()
   assert len(source["train"]) + len(source["validation"]) == len(files) and len(source["validation"]) > 0
+  assert [r["path"].decode() for r in source["validation"]] == text.split_files(files)["validation"]
   assert sum(len(r["text"]) for r in source["validation"]) == sum(
       os.path.getsize(os.path.join(root, f)) for f in text.split_files(files)["validation"])
   batch = next(pipeline.make_iterator(config, "validation", shuffle=True, num_epochs=None))

@@ -6,14 +6,17 @@ Two builders, each with one `BuilderConfig` per parameter set:
   parameter set (`synthetic_config`); splits train (data.train_size examples)
   and validation (data.eval_size). Record i of a split is
   `tasks.example(data, split, i)`: shuffling at write time is off.
-- `WmTextFiles`: one document per text file, the file's raw bytes
-  (`text_files_config`): the interpreter's standard-library sources or the
-  files of data.text_files, split by a hash of each file's path
-  (`wm.data.text.split_files`).
+- `WmTextFiles`: local text, one document per file (or per split of a single
+  file), its raw bytes (`text_files_config`): the interpreter's
+  standard-library sources (split by a hash of each path) or the files of
+  data.text_files, split as `wm.data.text.layout` says (by position, by the
+  files' names, by explicit per-split patterns, or by path hash); splits
+  train, validation and, where the layout gives one, test.
 
 Config names carry a hash of everything that determines the records, so two
-parameter sets or file sets never share a directory, and a change to the
-generators (`tasks.GENERATOR_VERSION`) prepares afresh. Prepare with
+parameter sets, file sets or layouts never share a directory, and a change to
+the generators (`tasks.GENERATOR_VERSION`) or to the layout rules
+(`text.LAYOUT_VERSION`) prepares afresh. Prepare with
 `builder.download_and_prepare(file_format="array_record")`, read with
 `builder.as_data_source()` or `tfds.builder_from_directory(path)`: neither
 needs TensorFlow (`tfds.load` and the default tfrecord format do).
@@ -127,33 +130,51 @@ class WmSyntheticTasks(tfds.core.GeneratorBasedBuilder):
 
 @dataclasses.dataclass(eq=False)
 class TextFilesConfig(tfds.core.BuilderConfig):
-  """A set of text files.
+  """A set of text files and how they split (`wm.data.text.Layout`).
 
   Attributes:
     root: folder the paths are relative to.
-    files: relative paths, sorted.
+    pieces: (split, relative path, begin, end, whole file?) of every document, in order.
   """
   root: str = ""
-  files: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # hundreds: keep logs short
+  pieces: tuple[tuple[str, str, int, int, bool], ...] = dataclasses.field(default=(), repr=False)  # keep logs short
+
+  def splits(self) -> dict[str, list[text.Piece]]:
+    out: dict[str, list[text.Piece]] = {}
+    for split, path, begin, end, whole in self.pieces:
+      out.setdefault(split, []).append(text.Piece(path, begin, end, whole))
+    return out
+
+
+def corpus_layout(data: Any) -> text.Layout:
+  """The layout of `data.text_source` "stdlib" or "files"."""
+  if data.text_source == "stdlib":
+    return text.stdlib_layout()
+  if data.text_source == "files":
+    return text.layout(data.text_files)
+  raise ValueError(f"data.text_source={data.text_source!r} is not a local source ('stdlib' or 'files')")
 
 
 def text_files_config(data: Any) -> TextFilesConfig:
   """The builder config for `data.text_source` "stdlib" or "files"."""
+  corpus = corpus_layout(data)
   if data.text_source == "stdlib":
-    root, files = text.stdlib_files()
-    name = f"stdlib-{text.stdlib_tag()}-{text.fingerprint(root, files)}"
-    description = f"standard-library sources under {root}"
-  elif data.text_source == "files":
-    root, files = text.user_files(data.text_files)
-    name = f"files-{text.fingerprint(root, files)}"
-    description = f"{len(files)} files under {root} ({data.text_files})"
+    # Named by the file set alone, as before layouts existed: its split rule never changed.
+    name = f"stdlib-{text.stdlib_tag()}-{text.fingerprint(corpus.root, sorted(corpus.sizes))}"
+    description = f"standard-library sources under {corpus.root}"
   else:
-    raise ValueError(f"data.text_source={data.text_source!r} is not a local source ('stdlib' or 'files')")
-  return TextFilesConfig(name=name, version=VERSION, description=description, root=root, files=files)
+    name = f"files-{corpus.rule}-{text.layout_fingerprint(corpus)}"
+    description = f"{len(corpus.sizes)} files under {corpus.root} ({data.text_files}), split by {corpus.rule}"
+  pieces = tuple((split, p.path, p.begin, p.end, p.whole) for split, ps in corpus.splits.items() for p in ps)
+  return TextFilesConfig(name=name, version=VERSION, description=description, root=corpus.root, pieces=pieces)
 
 
 class WmTextFiles(tfds.core.GeneratorBasedBuilder):
-  """Local text files as documents: `text` holds a file's bytes, `path` its relative path."""
+  """Local text as documents: `text` holds a document's bytes, `path` where it comes from.
+
+  A document is a whole file, or for a single file split by position, the
+  file's bytes of that split (`path` then reads `name[begin:end]`).
+  """
 
   VERSION = tfds.core.Version(VERSION)
 
@@ -167,15 +188,15 @@ class WmTextFiles(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    return {split: self._generate_examples(files)
-            for split, files in text.split_files(self.builder_config.files).items()}
+    return {split: self._generate_examples(pieces) for split, pieces in self.builder_config.splits().items()}
 
-  def _generate_examples(self, files: list[str]):
-    for relative in files:
-      with open(os.path.join(self.builder_config.root, relative), "rb") as f:
+  def _generate_examples(self, pieces: list[text.Piece]):
+    for i, piece in enumerate(pieces):
+      with open(os.path.join(self.builder_config.root, piece.path), "rb") as f:
+        f.seek(piece.begin)
         # Raw bytes, not str: the tokenizer is byte-level, and some sources
         # are not UTF-8 (a few stdlib modules declare latin-1).
-        yield relative, {"text": f.read(), "path": relative}
+        yield i, {"text": f.read(piece.end - piece.begin), "path": piece.name}
 
 
 def builder_for(data: Any, data_dir: str) -> tfds.core.GeneratorBasedBuilder:

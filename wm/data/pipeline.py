@@ -8,8 +8,10 @@ Datasets by `config.data`:
 
 - a synthetic task (`wm.data.tasks`) or a local text source ("stdlib", "files"):
   TFDS datasets `wm` builds itself (`wm.data.builders`), built by `prepare`
-  when missing: nothing to download, well under a second for the stdlib
-  corpus, about a minute for 100k MQAR examples on 2 cores.
+  when missing: nothing to download, seconds on 2 cores (100k MQAR examples,
+  the stdlib corpus). Local files split as `wm.data.text.layout` says; a
+  layout with a test split (a single file, files named for their splits,
+  test=PATTERNS) gives `make_iterator(config, "test", ...)`.
 - `data.text_source` naming a registered TFDS dataset ("lm1b",
   "tiny_shakespeare", "NAME/CONFIG", optionally ":VERSION"): read from
   `data_dir` where someone prepared it, never downloaded (offline, a TFDS
@@ -36,6 +38,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from wm.config import ConfigError
 from wm.data import builders, text
 
 _INFO = "dataset_info.json"
@@ -128,6 +131,13 @@ def _check_readable(path: str) -> None:
         f"--out_file_format=array_record`, or rebuild it with --file_format=array_record.")
 
 
+def _check_text_fits(config: ml_collections.ConfigDict) -> None:
+  """Every split of a local corpus holds at least one example of data.seq_len tokens."""
+  corpus = builders.corpus_layout(config.data)
+  for split, pieces in corpus.splits.items():
+    text.check_fits(split, corpus.bytes(split) + len(pieces), config.data.seq_len, _describe(config.data))
+
+
 def prepare(config: ml_collections.ConfigDict, allow_build: bool = True) -> None:
   """Makes sure the config's dataset is prepared in its data_dir.
 
@@ -142,11 +152,15 @@ def prepare(config: ml_collections.ConfigDict, allow_build: bool = True) -> None
 
   Raises:
     DatasetNotPrepared: a registered dataset is missing (or a local one with allow_build=False).
+    wm.data.text.CorpusError: data.text_files matches nothing, or a split is
+      empty or shorter than one example.
   """
   path = dataset_path(config)  # raises for a missing registered dataset
   if not _is_local(config.data):
     _check_readable(path)
     return
+  if config.data.task == "text":
+    _check_text_fits(config)
 
   def build_if_missing():
     if os.path.exists(os.path.join(path, _INFO)):
@@ -175,7 +189,9 @@ def _source(config: ml_collections.ConfigDict, split: str):
   _check_readable(path)
   builder = tfds.builder_from_directory(path, file_format="array_record")
   if split not in builder.info.splits:
-    raise ValueError(f"{path} has no split {split!r}; it has {sorted(builder.info.splits.keys())}")
+    hint = (" (local text has a test split when data.text_files is one file, files named for their splits, "
+            "or has a test=PATTERNS group)" if split == "test" and config.data.task == "text" else "")
+    raise ValueError(f"{path} has no split {split!r}; it has {sorted(builder.info.splits.keys())}{hint}")
   return builder.as_data_source(split=split), path
 
 
@@ -223,6 +239,7 @@ def examples(config: ml_collections.ConfigDict, split: str) -> Any:
 
   Raises:
     DatasetNotPrepared: the dataset is not in its data_dir.
+    wm.data.text.CorpusError: a text split is shorter than one example.
   """
   data = config.data
   source, path = _source(config, split)
@@ -233,7 +250,10 @@ def examples(config: ml_collections.ConfigDict, split: str) -> Any:
   if feature not in features:
     raise ValueError(f"data.text_feature={feature!r} is not a feature of {data.text_source}; it has {features}")
   documents = _Feature(source, feature)
-  return text.PackedSequences(documents, data.seq_len, _lengths(documents, path, split))
+  packed = text.PackedSequences(documents, data.seq_len, _lengths(documents, path, split))
+  if not len(packed):
+    text.check_fits(split, int(packed.starts[-1]), data.seq_len, _describe(data))
+  return packed
 
 
 class _Padded:
@@ -266,7 +286,7 @@ def make_iterator(config: ml_collections.ConfigDict, split: str, *, shuffle: boo
 
   Args:
     config: a validated config.
-    split: "train" or "validation".
+    split: "train", "validation", or "test" where the dataset has one.
     shuffle: reshuffle every epoch, seeded by `seed` (default config.seed).
     num_epochs: passes over the split; None repeats forever.
     seed: shuffle seed overriding config.seed.
@@ -289,6 +309,11 @@ def make_iterator(config: ml_collections.ConfigDict, split: str, *, shuffle: boo
                      f"{count} processes")
   if drop_remainder:
     usable = len(source) - len(source) % count
+    if usable < batch * count:  # no full batch: an epoch would be empty, and repeating it spin forever
+      raise ConfigError(
+          f"config.data.batch_size: the {split} split of {_describe(config.data)} has {len(source)} examples, "
+          f"fewer than one batch of {config.data.batch_size}; lower data.batch_size, or give the split more "
+          f"data (data.train_size/eval_size, or more text)")
   else:
     usable = math.ceil(len(source) / (batch * count)) * batch * count
     source = _Padded(source, usable)

@@ -18,15 +18,20 @@ resumable loader needs.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import glob
 import hashlib
+import itertools
 import os
+import re
 import sys
 import sysconfig
 from typing import Any, Sequence
 
 import numpy as np
+
+from wm.config import ConfigError
 
 VOCAB_SIZE = 256
 SEPARATOR = 0  # NUL: ends every document in the packed stream
@@ -122,10 +127,30 @@ class PackedSequences:
 # ---------------------------------------------------------------------------
 # Local corpora: which files, and how they split.
 
+SPLITS = ("train", "validation", "test")
 # Directories left out of the standard-library corpus: third-party packages are
 # not the standard library, and the test suites are large and repetitive.
 _SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+# Share of the files of an unnamed multi-file set (a source tree) that go to
+# validation, by a hash of each path.
 VALIDATION_PERCENT = 5
+# A single file is split by position, in percent of its bytes: the first 90%
+# train, the next 5% validation, the last 5% test. These are enwik8's and
+# text8's conventional splits (the first 90M / next 5M / last 5M of their 100M
+# bytes; Mahoney's Large Text Compression Benchmark files as used since
+# Graves 2013 and Mikolov et al. 2012), applied at any size.
+POSITION_PERCENT = (90, 5, 5)
+# Words in a file or folder name that put it in a split (ptb.train.txt,
+# wiki.valid.tokens, validation.txt, dev-clean.txt, data/test/...).
+_SPLIT_WORDS = {"train": "train", "valid": "validation", "validation": "validation", "dev": "validation",
+                "test": "test"}
+# Bump when a layout rule below changes, so corpora prepared under the old rule
+# are not read as if split by the new one (prepared datasets are named by it).
+LAYOUT_VERSION = 1
+
+
+class CorpusError(ConfigError):
+  """`data.text_files` names files that do not make a usable corpus; the message says how to fix it."""
 
 
 def stdlib_files() -> tuple[str, tuple[str, ...]]:
@@ -144,32 +169,47 @@ def stdlib_files() -> tuple[str, tuple[str, ...]]:
   return root, tuple(sorted(found))
 
 
-def user_files(spec: str) -> tuple[str, tuple[str, ...]]:
-  """Files named by `data.text_files`: comma-separated paths, globs or directories.
+def match_files(patterns: str, field: str = "data.text_files") -> list[str]:
+  """Absolute paths, sorted, of comma-separated paths, globs (`**` recurses) or directories.
 
   A directory stands for every file below it, hidden ones (`.git`, ...) left out.
+
+  Raises:
+    CorpusError: a pattern matches no file.
+  """
+  paths = set()
+  for pattern in (p.strip() for p in patterns.split(",")):
+    if not pattern:
+      continue
+    found = set()
+    for match in glob.glob(os.path.expanduser(pattern), recursive=True):
+      if os.path.isdir(match):
+        for folder, dirs, files in os.walk(match):
+          dirs[:] = [d for d in dirs if not d.startswith(".")]
+          found.update(os.path.join(folder, f) for f in files if not f.startswith("."))
+      elif os.path.isfile(match):
+        found.add(match)
+    if not found:
+      raise CorpusError(f"{field}: {pattern!r} matches no file (relative paths are from {os.getcwd()}); "
+                        f"fix the path or glob")
+    paths.update(found)
+  if not paths:
+    raise CorpusError(f"{field}={patterns!r} names no files; give comma-separated paths or globs")
+  return sorted(os.path.abspath(p) for p in paths)
+
+
+def _common_root(paths: Sequence[str]) -> str:
+  return os.path.commonpath([os.path.dirname(p) for p in paths])
+
+
+def user_files(spec: str) -> tuple[str, tuple[str, ...]]:
+  """Files named by comma-separated paths, globs or directories.
 
   Returns:
     (root, relative paths, sorted), root being the files' deepest common folder.
   """
-  paths = set()
-  for pattern in (p.strip() for p in spec.split(",")):
-    if not pattern:
-      continue
-    matches = glob.glob(os.path.expanduser(pattern), recursive=True)
-    if not matches:
-      raise FileNotFoundError(f"data.text_files: {pattern!r} matches no file")
-    for match in matches:
-      if os.path.isdir(match):
-        for folder, dirs, files in os.walk(match):
-          dirs[:] = [d for d in dirs if not d.startswith(".")]
-          paths.update(os.path.join(folder, f) for f in files if not f.startswith("."))
-      elif os.path.isfile(match):
-        paths.add(match)
-  paths = sorted(os.path.abspath(p) for p in paths)
-  if not paths:
-    raise FileNotFoundError(f"data.text_files={spec!r} names no files")
-  root = os.path.commonpath([os.path.dirname(p) for p in paths])
+  paths = match_files(spec)
+  root = _common_root(paths)
   return root, tuple(sorted(os.path.relpath(p, root) for p in paths))
 
 
@@ -196,7 +236,7 @@ def split_files(files: Sequence[str]) -> dict[str, list[str]]:
   still a function of the file set alone.
   """
   if len(files) < 2:
-    raise ValueError(f"a text corpus needs at least 2 files (one per split), got {list(files)}")
+    raise ValueError(f"a hash split needs at least 2 files (one per split), got {list(files)}")
   splits = {"train": [], "validation": []}
   for f in files:
     splits[file_split(f)].append(f)
@@ -209,6 +249,189 @@ def split_files(files: Sequence[str]) -> dict[str, list[str]]:
     splits["validation"].remove(moved)
     splits["train"].append(moved)
   return {k: sorted(v) for k, v in splits.items()}
+
+
+def named_split(relative_path: str) -> str | None:
+  """The split a path's name gives, or None.
+
+  The name is cut into words at dots, underscores, hyphens and spaces; a word
+  train, valid, validation, dev or test names a split. The file name is read
+  first, then its folders from the nearest up; a name with words of two
+  splits (`train_test_split.py`) names none.
+  """
+  parts = relative_path.replace(os.sep, "/").split("/")
+  for part in reversed(parts):
+    named = {_SPLIT_WORDS[w] for w in re.split(r"[._\-\s]+", part.lower()) if w in _SPLIT_WORDS}
+    if len(named) == 1:
+      return named.pop()
+    if named:
+      return None
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+  """Bytes [begin, end) of the file at `path` (relative to the corpus root): one document.
+
+  Attributes:
+    whole: the piece is its whole file (`begin == 0`, `end` its size).
+  """
+  path: str
+  begin: int
+  end: int
+  whole: bool = True
+
+  @property
+  def name(self) -> str:
+    """The relative path, with the byte range when the piece is part of its file."""
+    return self.path if self.whole else f"{self.path}[{self.begin}:{self.end}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How a corpus's files make its splits.
+
+  Attributes:
+    root: folder the pieces' paths are relative to.
+    rule: "position" (one file cut by POSITION_PERCENT), "names" (files named
+      for their split), "explicit" (SPLIT=PATTERNS groups) or "hash" (a
+      source tree: each file's split by a hash of its path).
+    splits: split -> its documents, in order; only the splits the layout gives.
+    sizes: bytes of each file.
+  """
+  root: str
+  rule: str
+  splits: dict[str, tuple[Piece, ...]]
+  sizes: dict[str, int]
+
+  def bytes(self, split: str) -> int:
+    return sum(p.end - p.begin for p in self.splits[split])
+
+  def describe(self) -> str:
+    return "; ".join(f"{s}: {len(p)} document(s), {self.bytes(s):,} bytes" for s, p in self.splits.items())
+
+
+def _whole(relative: Sequence[str], sizes: dict[str, int]) -> tuple[Piece, ...]:
+  return tuple(Piece(f, 0, sizes[f]) for f in sorted(relative))
+
+
+def _sizes(root: str, relative: Sequence[str]) -> dict[str, int]:
+  return {f: os.path.getsize(os.path.join(root, f)) for f in relative}
+
+
+def _parse_groups(spec: str) -> dict[str, str] | None:
+  """`train=A;validation=B;test=C` -> {split: patterns}; None when spec has no SPLIT= group."""
+  groups = [g.strip() for g in spec.split(";") if g.strip()]
+  explicit = [re.fullmatch(r"(\w+)\s*=(.*)", g, re.DOTALL) for g in groups]
+  explicit = [m if m and m.group(1).lower() in _SPLIT_WORDS else None for m in explicit]
+  if not any(explicit):
+    if len(groups) > 1:
+      raise CorpusError(f"data.text_files={spec!r}: ';' separates SPLIT=PATTERNS groups "
+                        f"(train=...;validation=...;test=...); separate plain patterns with ','")
+    return None
+  out: dict[str, str] = {}
+  for g, m in zip(groups, explicit):
+    if m is None:
+      raise CorpusError(f"data.text_files: group {g!r} has no SPLIT=; once one group names its split, all "
+                        f"must, e.g. 'train=a/*.txt;validation=b.txt;test=c.txt'")
+    split = _SPLIT_WORDS[m.group(1).lower()]
+    if split in out:
+      raise CorpusError(f"data.text_files names the {split} split twice; join its patterns with ','")
+    out[split] = m.group(2)
+  return out
+
+
+def _need_train_and_validation(splits: dict[str, Any], how: str) -> None:
+  missing = [s for s in ("train", "validation") if not splits.get(s)]
+  if missing:
+    raise CorpusError(
+        f"data.text_files: {how}, but no file for the {' and '.join(missing)} split; training needs both. "
+        f"Name them per split, e.g. data.text_files='train=DIR/train*.txt;validation=DIR/valid.txt'")
+
+
+def layout(spec: str) -> Layout:
+  """How the files of `data.text_files` split (see the field's comment in wm/config.py).
+
+  - `train=PATTERNS;validation=PATTERNS[;test=PATTERNS]` (valid and dev are
+    accepted for validation): each split is exactly the files its patterns match.
+  - One file: split by position, POSITION_PERCENT of its bytes.
+  - Files whose names all give a split (`named_split`: ptb.train.txt,
+    wiki.valid.tokens, test.txt, ...): each goes to that split.
+  - Any other set of two or more files (a source tree): by a hash of each path
+    (`split_files`), train and validation only.
+
+  Raises:
+    CorpusError: a pattern matches nothing, a file or a split is empty, train
+      or validation has no file, or some files name splits and others do not.
+  """
+  groups = _parse_groups(spec)
+  if groups is not None:
+    _need_train_and_validation(groups, "the SPLIT=PATTERNS groups name some splits")
+    matched = {split: match_files(patterns, f"data.text_files ({split}=)") for split, patterns in groups.items()}
+    owner: dict[str, str] = {}
+    for split, paths in matched.items():
+      for p in paths:
+        if p in owner:
+          raise CorpusError(f"data.text_files: {p} is in both the {owner[p]} and the {split} split; "
+                            f"narrow the patterns so each file is in one split")
+        owner[p] = split
+    root = _common_root(list(owner))
+    relative = {s: [os.path.relpath(p, root) for p in ps] for s, ps in matched.items()}
+    sizes = _sizes(root, list(itertools.chain(*relative.values())))
+    result = Layout(root, "explicit", {s: _whole(relative[s], sizes) for s in SPLITS if s in relative}, sizes)
+  else:
+    root, files = user_files(spec)
+    sizes = _sizes(root, files)
+    if len(files) == 1:
+      (f,) = files
+      n = sizes[f]
+      if n == 0:
+        raise CorpusError(f"data.text_files: {os.path.join(root, f)} is empty (0 bytes); point it at a text file")
+      cuts = [0, *(n * c // 100 for c in itertools.accumulate(POSITION_PERCENT))]
+      result = Layout(root, "position", {s: (Piece(f, a, b, whole=False),) for s, a, b in zip(SPLITS, cuts, cuts[1:])}, sizes)
+    else:
+      named = {f: named_split(f) for f in files}
+      if all(named.values()):
+        by_split = {s: [f for f in files if named[f] == s] for s in SPLITS}
+        _need_train_and_validation(by_split, "the file names give their splits")
+        result = Layout(root, "names", {s: _whole(fs, sizes) for s, fs in by_split.items() if fs}, sizes)
+      elif {"train", "validation"} <= set(named.values()):
+        unnamed = sorted(f for f, s in named.items() if s is None)
+        raise CorpusError(
+            f"data.text_files={spec!r}: some files name their split ({', '.join(sorted(f for f in files if named[f])[:4])}) "
+            f"and {len(unnamed)} do not ({', '.join(unnamed[:4])}{', ...' if len(unnamed) > 4 else ''}). "
+            f"List only the split files, or give each split its files: 'train=...;validation=...;test=...'")
+      else:
+        hashed = split_files(files)
+        result = Layout(root, "hash", {s: _whole(hashed[s], sizes) for s in ("train", "validation")}, sizes)
+  for split in result.splits:
+    if result.bytes(split) == 0:
+      files = sorted({p.path for p in result.splits[split]})
+      raise CorpusError(f"data.text_files: the {split} split holds no text: {', '.join(files[:4])} "
+                        f"{'is' if len(files) == 1 else 'are'} empty; give it a file with text")
+  return result
+
+
+def stdlib_layout() -> Layout:
+  """The standard-library corpus: `stdlib_files` split by a hash of each path."""
+  root, files = stdlib_files()
+  sizes = _sizes(root, files)
+  hashed = split_files(files)
+  return Layout(root, "hash", {s: _whole(hashed[s], sizes) for s in ("train", "validation")}, sizes)
+
+
+def check_fits(split: str, packed_bytes: int, seq_len: int, what: str) -> None:
+  """Raises a CorpusError when a split packs into no example of seq_len + 1 bytes.
+
+  Args:
+    packed_bytes: the split's stream: its documents' bytes plus one separator each.
+    what: the corpus, as the message should name it.
+  """
+  if packed_bytes < seq_len + 1:
+    raise CorpusError(
+        f"{what}: the {split} split packs into {packed_bytes:,} bytes (its text plus a separator after each "
+        f"document), shorter than one example: data.seq_len={seq_len} needs {seq_len + 1:,}. Lower "
+        f"data.seq_len or give the {split} split more text.")
 
 
 def fingerprint(root: str, files: Sequence[str]) -> str:
@@ -224,7 +447,21 @@ def fingerprint(root: str, files: Sequence[str]) -> str:
   return h.hexdigest()[:10]
 
 
+def layout_fingerprint(corpus: Layout) -> str:
+  """A short hash of the files (as `fingerprint`) and of where every byte of them goes.
+
+  Another split rule, another assignment of files to splits or other cut
+  points give another name, so a corpus is never read under a layout it was
+  not prepared with.
+  """
+  h = hashlib.sha256(f"layout {LAYOUT_VERSION} {corpus.rule}\n".encode())
+  h.update(fingerprint(corpus.root, sorted(corpus.sizes)).encode())
+  for split, pieces in corpus.splits.items():
+    for p in pieces:
+      h.update(f"{split}\0{p.path.replace(os.sep, '/')}\0{p.begin}\0{p.end}\n".encode())
+  return h.hexdigest()[:10]
+
+
 def stdlib_tag() -> str:
   """`py311`-style tag of the interpreter whose stdlib is the corpus."""
   return f"py{sys.version_info.major}{sys.version_info.minor}"
-
