@@ -137,7 +137,8 @@ class TextFilesConfig(tfds.core.BuilderConfig):
     pieces: (split, relative path, begin, end, whole file?) of every document, in order.
   """
   root: str = ""
-  pieces: tuple[tuple[str, str, int, int, bool], ...] = dataclasses.field(default=(), repr=False)  # keep logs short
+  # Hundreds of pieces for a source tree: left out of repr to keep logs short.
+  pieces: tuple[tuple[str, str, int, int, bool], ...] = dataclasses.field(default=(), repr=False)
 
   def splits(self) -> dict[str, list[text.Piece]]:
     out: dict[str, list[text.Piece]] = {}
@@ -164,7 +165,8 @@ def text_files_config(data: Any) -> TextFilesConfig:
     description = f"standard-library sources under {corpus.root}"
   else:
     name = f"files-{corpus.rule}-{text.layout_fingerprint(corpus)}"
-    description = f"{len(corpus.sizes)} files under {corpus.root} ({data.text_files}), split by {corpus.rule}"
+    description = (f"{len(corpus.sizes)} files under {corpus.root} ({data.text_files}), split by {corpus.rule}: "
+                   f"{corpus.describe()}")
   pieces = tuple((split, p.path, p.begin, p.end, p.whole) for split, ps in corpus.splits.items() for p in ps)
   return TextFilesConfig(name=name, version=VERSION, description=description, root=corpus.root, pieces=pieces)
 

@@ -349,6 +349,52 @@ def _need_train_and_validation(splits: dict[str, Any], how: str) -> None:
         f"Name them per split, e.g. data.text_files='train=DIR/train*.txt;validation=DIR/valid.txt'")
 
 
+def _explicit_layout(groups: dict[str, str]) -> Layout:
+  """Each split the files its patterns match; a file in two splits is an error."""
+  _need_train_and_validation(groups, "the SPLIT=PATTERNS groups name some splits")
+  matched = {split: match_files(patterns, f"data.text_files ({split}=)") for split, patterns in groups.items()}
+  owner: dict[str, str] = {}
+  for split, paths in matched.items():
+    for p in paths:
+      if p in owner:
+        raise CorpusError(f"data.text_files: {p} is in both the {owner[p]} and the {split} split; "
+                          f"narrow the patterns so each file is in one split")
+      owner[p] = split
+  root = _common_root(list(owner))
+  relative = {s: [os.path.relpath(p, root) for p in ps] for s, ps in matched.items()}
+  sizes = _sizes(root, list(itertools.chain(*relative.values())))
+  return Layout(root, "explicit", {s: _whole(relative[s], sizes) for s in SPLITS if s in relative}, sizes)
+
+
+def _detected_layout(spec: str) -> Layout:
+  """By position for one file, by name when every file names its split, else by path hash."""
+  root, files = user_files(spec)
+  sizes = _sizes(root, files)
+  if len(files) == 1:
+    (f,) = files
+    if sizes[f] == 0:
+      raise CorpusError(f"data.text_files: {os.path.join(root, f)} is empty (0 bytes); point it at a text file")
+    cuts = [0, *(sizes[f] * c // 100 for c in itertools.accumulate(POSITION_PERCENT))]
+    pieces = {s: (Piece(f, a, b, whole=False),) for s, a, b in zip(SPLITS, cuts, cuts[1:])}
+    return Layout(root, "position", pieces, sizes)
+  named = {f: named_split(f) for f in files}
+  if all(named.values()):
+    by_split = {s: [f for f in files if named[f] == s] for s in SPLITS}
+    _need_train_and_validation(by_split, "the file names give their splits")
+    return Layout(root, "names", {s: _whole(fs, sizes) for s, fs in by_split.items() if fs}, sizes)
+  if {"train", "validation"} <= set(named.values()):
+    # Most likely a corpus's split files beside a README or licence: which
+    # files the user meant to train on is a guess, so ask.
+    some = sorted(f for f in files if named[f])[:4]
+    unnamed = sorted(f for f, s in named.items() if s is None)
+    raise CorpusError(
+        f"data.text_files={spec!r}: some files name their split ({', '.join(some)}) and {len(unnamed)} do not "
+        f"({', '.join(unnamed[:4])}{', ...' if len(unnamed) > 4 else ''}). List only the split files, or give "
+        f"each split its files: 'train=...;validation=...;test=...'")
+  hashed = split_files(files)
+  return Layout(root, "hash", {s: _whole(hashed[s], sizes) for s in ("train", "validation")}, sizes)
+
+
 def layout(spec: str) -> Layout:
   """How the files of `data.text_files` split (see the field's comment in wm/config.py).
 
@@ -365,45 +411,7 @@ def layout(spec: str) -> Layout:
       or validation has no file, or some files name splits and others do not.
   """
   groups = _parse_groups(spec)
-  if groups is not None:
-    _need_train_and_validation(groups, "the SPLIT=PATTERNS groups name some splits")
-    matched = {split: match_files(patterns, f"data.text_files ({split}=)") for split, patterns in groups.items()}
-    owner: dict[str, str] = {}
-    for split, paths in matched.items():
-      for p in paths:
-        if p in owner:
-          raise CorpusError(f"data.text_files: {p} is in both the {owner[p]} and the {split} split; "
-                            f"narrow the patterns so each file is in one split")
-        owner[p] = split
-    root = _common_root(list(owner))
-    relative = {s: [os.path.relpath(p, root) for p in ps] for s, ps in matched.items()}
-    sizes = _sizes(root, list(itertools.chain(*relative.values())))
-    result = Layout(root, "explicit", {s: _whole(relative[s], sizes) for s in SPLITS if s in relative}, sizes)
-  else:
-    root, files = user_files(spec)
-    sizes = _sizes(root, files)
-    if len(files) == 1:
-      (f,) = files
-      n = sizes[f]
-      if n == 0:
-        raise CorpusError(f"data.text_files: {os.path.join(root, f)} is empty (0 bytes); point it at a text file")
-      cuts = [0, *(n * c // 100 for c in itertools.accumulate(POSITION_PERCENT))]
-      result = Layout(root, "position", {s: (Piece(f, a, b, whole=False),) for s, a, b in zip(SPLITS, cuts, cuts[1:])}, sizes)
-    else:
-      named = {f: named_split(f) for f in files}
-      if all(named.values()):
-        by_split = {s: [f for f in files if named[f] == s] for s in SPLITS}
-        _need_train_and_validation(by_split, "the file names give their splits")
-        result = Layout(root, "names", {s: _whole(fs, sizes) for s, fs in by_split.items() if fs}, sizes)
-      elif {"train", "validation"} <= set(named.values()):
-        unnamed = sorted(f for f, s in named.items() if s is None)
-        raise CorpusError(
-            f"data.text_files={spec!r}: some files name their split ({', '.join(sorted(f for f in files if named[f])[:4])}) "
-            f"and {len(unnamed)} do not ({', '.join(unnamed[:4])}{', ...' if len(unnamed) > 4 else ''}). "
-            f"List only the split files, or give each split its files: 'train=...;validation=...;test=...'")
-      else:
-        hashed = split_files(files)
-        result = Layout(root, "hash", {s: _whole(hashed[s], sizes) for s in ("train", "validation")}, sizes)
+  result = _explicit_layout(groups) if groups is not None else _detected_layout(spec)
   for split in result.splits:
     if result.bytes(split) == 0:
       files = sorted({p.path for p in result.splits[split]})
