@@ -266,11 +266,20 @@ def test_fast_records_parse_like_tfds_serialized_ones(mqar_config):
   for i, row in enumerate(ours):
     want = reference.serialize_example(features.encode_example({k: v[i] for k, v in block.items()}))
     assert tf_example_pb2.Example.FromString(row.tobytes()) == tf_example_pb2.Example.FromString(want)
-  # The prepared files hold exactly these bytes, read back through TFDS.
+  # The prepared files hold exactly these bytes, read back through TFDS...
   source = tfds.builder_from_directory(pipeline.dataset_path(mqar_config)).as_data_source()
   for i in range(5):
     for k in block:
       np.testing.assert_array_equal(source["validation"][i][k], block[k][i])
+  # ...and through the numpy decoder the loader uses, a batch at a time.
+  fast = pipeline.examples(mqar_config, "validation")
+  assert isinstance(fast, records.FixedRecords) and len(fast) == 37
+  got = fast.read_batch([3, 0, 4])
+  for k in block:
+    np.testing.assert_array_equal(got[k], block[k][[3, 0, 4]])
+    assert got[k].dtype == block[k].dtype
+  # Records of another layout are not ours to slice: TFDS decodes them.
+  assert records.FixedRecords.open(source["validation"].data_source, {"inputs": (np.int64, (32,))}) is None
 
 
 def test_text_files_builder_and_packed_batches(tmp_path):

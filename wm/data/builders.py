@@ -108,7 +108,7 @@ class WmSyntheticTasks(tfds.core.GeneratorBasedBuilder):
     """
     del dl_manager, download_config  # nothing to download
     data = types.SimpleNamespace(**self.builder_config.params)
-    features = list(self.info.features.keys())
+    features = sorted(self.info.features.keys())  # the order `pipeline` reads them in
     record_bytes = records.serialize(tasks.example_range(data, "train", 0, 1)).shape[1]
     splits = []
     for split, size in self._split_sizes().items():
