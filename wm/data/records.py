@@ -36,9 +36,14 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import naming
 from tensorflow_datasets.core.utils import shard_utils
 
-# What TFDS's array_record adapter writes (file_adapters.ArrayRecordFileAdapter):
-# one record per chunk, so any record is read on its own.
-WRITER_OPTIONS = "group_size:1"
+# One record per chunk, so any record is read on its own, as TFDS's own
+# array_record adapter writes (file_adapters.ArrayRecordFileAdapter), but
+# snappy-compressed rather than zstd (the default): measured on 50k MQAR
+# records (T=64, 833 bytes each) on 2 loaded cores, zstd wrote in 1.31 s to
+# 14.4 MB, snappy in 0.46 s to 17.8 MB, uncompressed in 0.45 s to 44.5 MB; at
+# T=256 (3,137 bytes) 2.74 s / 44.5 MB, 0.66 s / 67 MB and 1.93 s / 160 MB.
+# Readers need no option: the compression is recorded in the file.
+WRITER_OPTIONS = "group_size:1,snappy"
 
 
 def _varint(n: int) -> bytes:

@@ -325,6 +325,11 @@ def _block(name: str, params: tuple[tuple[str, Any], ...], split: str, block: in
                      f"seq_len or vocab_size")
 
 
+def clear_cache() -> None:
+  """Forgets the blocks kept for random access, so the next read generates afresh (benchmarks)."""
+  _block.cache_clear()
+
+
 def _key(data: Any, split: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
   if split not in SPLITS:
     raise ValueError(f"split {split!r} is not one of {SPLITS}")
