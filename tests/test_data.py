@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from wm import config as config_lib
-from wm.data import pipeline, tasks, text
+from wm.data import corpus, pipeline, tasks, text
 
 
 def make_config(task="mqar", data_dir="", **data):
@@ -211,12 +211,12 @@ def test_packing_is_the_document_stream_cut_into_chunks():
 
 def test_file_split_is_by_path_and_keeps_both_splits():
   many = [f"pkg/module_{i}.py" for i in range(2000)]
-  splits = text.split_files(many)
+  splits = corpus.split_files(many)
   share = len(splits["validation"]) / 2000
   assert 0.03 < share < 0.07
-  assert all(text.file_split(f) == "validation" for f in splits["validation"])
-  assert text.split_files(list(reversed(many))) == splits
-  few = text.split_files(["a.txt", "b.txt", "c.txt"])
+  assert all(corpus.file_split(f) == "validation" for f in splits["validation"])
+  assert corpus.split_files(list(reversed(many))) == splits
+  few = corpus.split_files(["a.txt", "b.txt", "c.txt"])
   assert few["train"] and few["validation"] and sorted(few["train"] + few["validation"]) == ["a.txt", "b.txt", "c.txt"]
 
 
@@ -289,7 +289,7 @@ def test_text_files_builder_and_packed_batches(tmp_path):
                        text_files=str(tmp_path / "corpus" / "*.txt"))
   pipeline.prepare(config)
   source = tfds.builder_from_directory(pipeline.dataset_path(config)).as_data_source()
-  want = text.split_files(sorted(docs))
+  want = corpus.split_files(sorted(docs))
   for split in ("train", "validation"):
     records = [source[split][i] for i in range(len(source[split]))]
     assert [r["path"].decode() for r in records] == want[split]
@@ -345,9 +345,9 @@ def test_a_single_file_splits_by_position(tmp_path):
   (tmp_path / "enwik8").write_bytes(body)
   config = make_config("text", tmp_path / "tfds", text_source="files", text_files=str(tmp_path / "enwik8"),
                        seq_len=16, batch_size=2)
-  corpus = text.layout(config.data.text_files)
-  assert corpus.rule == "position"
-  cuts = [(p.begin, p.end) for s in ("train", "validation", "test") for p in corpus.splits[s]]
+  layout = corpus.layout(config.data.text_files)
+  assert layout.rule == "position"
+  cuts = [(p.begin, p.end) for s in ("train", "validation", "test") for p in layout.splits[s]]
   assert cuts == [(0, 9006), (9006, 9506), (9506, 10_007)]  # 90 / 5 / 5 percent, floor of each cut
   pipeline.prepare(config)
   texts = split_texts(config)
@@ -374,14 +374,14 @@ def test_explicit_split_patterns(tmp_path):
                                  "validation": [("b/held_out.txt", bodies["b/held_out.txt"])],
                                  "test": [("c/final.txt", bodies["c/final.txt"])]}
   assert stream_of(config, "test") == (bodies["c/final.txt"] + b"\0")[:len(stream_of(config, "test"))]
-  with pytest.raises(text.CorpusError, match="in both the train and the validation split"):
-    text.layout(f"train={tmp_path}/a/*.txt;validation={tmp_path}/a/one.txt")
-  with pytest.raises(text.CorpusError, match="no file for the validation split"):
-    text.layout(f"train={tmp_path}/a/*.txt;test={tmp_path}/c/final.txt")
-  with pytest.raises(text.CorpusError, match="has no SPLIT="):
-    text.layout(f"train={tmp_path}/a/*.txt;{tmp_path}/b/held_out.txt")
-  with pytest.raises(text.CorpusError, match="separate plain patterns with ','"):
-    text.layout(f"{tmp_path}/a/one.txt;{tmp_path}/a/two.txt")
+  with pytest.raises(corpus.CorpusError, match="in both the train and the validation split"):
+    corpus.layout(f"train={tmp_path}/a/*.txt;validation={tmp_path}/a/one.txt")
+  with pytest.raises(corpus.CorpusError, match="no file for the validation split"):
+    corpus.layout(f"train={tmp_path}/a/*.txt;test={tmp_path}/c/final.txt")
+  with pytest.raises(corpus.CorpusError, match="has no SPLIT="):
+    corpus.layout(f"train={tmp_path}/a/*.txt;{tmp_path}/b/held_out.txt")
+  with pytest.raises(corpus.CorpusError, match="separate plain patterns with ','"):
+    corpus.layout(f"{tmp_path}/a/one.txt;{tmp_path}/a/two.txt")
 
 
 @pytest.mark.parametrize("path,split", [
@@ -391,7 +391,7 @@ def test_explicit_split_patterns(tmp_path):
     ("data/TRAIN/doc.txt", "train"), ("trainer.py", None), ("contest.txt", None), ("train_test_split.py", None),
     ("enwik8", None), ("test/valid/x.txt", "validation")])
 def test_split_names(path, split):
-  assert text.named_split(path) == split
+  assert corpus.named_split(path) == split
 
 
 def test_corpus_errors_name_the_path_and_the_fix(tmp_path):
@@ -400,21 +400,21 @@ def test_corpus_errors_name_the_path_and_the_fix(tmp_path):
   (tmp_path / "ptb" / "ptb.train.txt").write_bytes(b"x" * 5000)
   (tmp_path / "ptb" / "ptb.valid.txt").write_bytes(b"tiny")
   missing = str(tmp_path / "nothing" / "*.txt")
-  with pytest.raises(text.CorpusError) as e:
-    text.layout(missing)
+  with pytest.raises(corpus.CorpusError) as e:
+    corpus.layout(missing)
   assert missing in str(e.value) and "matches no file" in str(e.value)
-  with pytest.raises(text.CorpusError, match=f"{tmp_path / 'empty.txt'} is empty"):
-    text.layout(str(tmp_path / "empty.txt"))
+  with pytest.raises(corpus.CorpusError, match=f"{tmp_path / 'empty.txt'} is empty"):
+    corpus.layout(str(tmp_path / "empty.txt"))
   short = make_config("text", tmp_path / "tfds", text_source="files", text_files=str(tmp_path / "ptb"), seq_len=64)
-  with pytest.raises(text.CorpusError) as e:
+  with pytest.raises(corpus.CorpusError) as e:
     pipeline.prepare(short)
   assert "validation split packs into 5 bytes" in str(e.value) and "data.seq_len=64 needs 65" in str(e.value)
   # A README beside the named files is ambiguous: say so rather than guess.
   (tmp_path / "ptb" / "README").write_text("Penn Treebank, Mikolov's version\n")
-  with pytest.raises(text.CorpusError, match="do not \\(README\\)"):
-    text.layout(str(tmp_path / "ptb"))
+  with pytest.raises(corpus.CorpusError, match="do not \\(README\\)"):
+    corpus.layout(str(tmp_path / "ptb"))
   # All of them are configuration errors: the command line prints the message, not a traceback.
-  assert issubclass(text.CorpusError, config_lib.ConfigError)
+  assert issubclass(corpus.CorpusError, config_lib.ConfigError)
 
 
 def test_prepared_corpus_name_follows_the_files_and_the_split_rule(tmp_path):
@@ -437,16 +437,16 @@ def test_stdlib_corpus_prepares_offline(tmp_path):
   start = time.perf_counter()
   pipeline.prepare(config)
   assert time.perf_counter() - start < 30
-  root, files = text.stdlib_files()
+  root, files = corpus.stdlib_files()
   assert len(files) > 100 and not any("site-packages" in f or f.startswith("test/") for f in files)
   # The corpus is as it was before layouts: its name, its split by path hash.
   assert os.path.basename(os.path.dirname(pipeline.dataset_path(config))) == (
-      f"stdlib-{text.stdlib_tag()}-{text.fingerprint(root, files)}")
+      f"stdlib-{corpus.stdlib_tag()}-{corpus.fingerprint(root, files)}")
   source = tfds.builder_from_directory(pipeline.dataset_path(config)).as_data_source()
   assert len(source["train"]) + len(source["validation"]) == len(files) and len(source["validation"]) > 0
-  assert [r["path"].decode() for r in source["validation"]] == text.split_files(files)["validation"]
+  assert [r["path"].decode() for r in source["validation"]] == corpus.split_files(files)["validation"]
   assert sum(len(r["text"]) for r in source["validation"]) == sum(
-      os.path.getsize(os.path.join(root, f)) for f in text.split_files(files)["validation"])
+      os.path.getsize(os.path.join(root, f)) for f in corpus.split_files(files)["validation"])
   batch = next(pipeline.make_iterator(config, "validation", shuffle=True, num_epochs=None))
   assert batch["inputs"].shape == (4, 64) and batch["inputs"].max() < 256
 
@@ -461,7 +461,7 @@ def test_a_registered_dataset_is_read_from_data_dir(tmp_path):
   config = make_config("text", tmp_path / "tfds", text_source="my_corpus", seq_len=8, batch_size=2)
   pipeline.prepare(config)  # checks only
   got = list(pipeline.make_iterator(config, "train", shuffle=False, num_epochs=1))
-  stream = b"".join(docs[f] + b"\0" for f in text.split_files(sorted(docs))["train"])
+  stream = b"".join(docs[f] + b"\0" for f in corpus.split_files(sorted(docs))["train"])
   assert got[0]["inputs"][0].astype(np.uint8).tobytes() == stream[:8]
   bad = make_config("text", tmp_path / "tfds", text_source="my_corpus", text_feature="content")
   with pytest.raises(ValueError, match="text_feature='content' is not a feature"):

@@ -9,14 +9,14 @@ Two builders, each with one `BuilderConfig` per parameter set:
 - `WmTextFiles`: local text, one document per file (or per split of a single
   file), its raw bytes (`text_files_config`): the interpreter's
   standard-library sources (split by a hash of each path) or the files of
-  data.text_files, split as `wm.data.text.layout` says (by position, by the
+  data.text_files, split as `wm.data.corpus.layout` says (by position, by the
   files' names, by explicit per-split patterns, or by path hash); splits
   train, validation and, where the layout gives one, test.
 
 Config names carry a hash of everything that determines the records, so two
 parameter sets, file sets or layouts never share a directory, and a change to
 the generators (`tasks.GENERATOR_VERSION`) or to the layout rules
-(`text.LAYOUT_VERSION`) prepares afresh. Prepare with
+(`corpus.LAYOUT_VERSION`) prepares afresh. Prepare with
 `builder.download_and_prepare(file_format="array_record")`, read with
 `builder.as_data_source()` or `tfds.builder_from_directory(path)`: neither
 needs TensorFlow (`tfds.load` and the default tfrecord format do).
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from wm.data import records, tasks, text
+from wm.data import corpus, records, tasks
 
 VERSION = "1.0.0"
 FILE_FORMAT = "array_record"
@@ -130,7 +130,7 @@ class WmSyntheticTasks(tfds.core.GeneratorBasedBuilder):
 
 @dataclasses.dataclass(eq=False)
 class TextFilesConfig(tfds.core.BuilderConfig):
-  """A set of text files and how they split (`wm.data.text.Layout`).
+  """A set of text files and how they split (`wm.data.corpus.Layout`).
 
   Attributes:
     root: folder the paths are relative to.
@@ -140,35 +140,35 @@ class TextFilesConfig(tfds.core.BuilderConfig):
   # Hundreds of pieces for a source tree: left out of repr to keep logs short.
   pieces: tuple[tuple[str, str, int, int, bool], ...] = dataclasses.field(default=(), repr=False)
 
-  def splits(self) -> dict[str, list[text.Piece]]:
-    out: dict[str, list[text.Piece]] = {}
+  def splits(self) -> dict[str, list[corpus.Piece]]:
+    out: dict[str, list[corpus.Piece]] = {}
     for split, path, begin, end, whole in self.pieces:
-      out.setdefault(split, []).append(text.Piece(path, begin, end, whole))
+      out.setdefault(split, []).append(corpus.Piece(path, begin, end, whole))
     return out
 
 
-def corpus_layout(data: Any) -> text.Layout:
+def corpus_layout(data: Any) -> corpus.Layout:
   """The layout of `data.text_source` "stdlib" or "files"."""
   if data.text_source == "stdlib":
-    return text.stdlib_layout()
+    return corpus.stdlib_layout()
   if data.text_source == "files":
-    return text.layout(data.text_files)
+    return corpus.layout(data.text_files)
   raise ValueError(f"data.text_source={data.text_source!r} is not a local source ('stdlib' or 'files')")
 
 
 def text_files_config(data: Any) -> TextFilesConfig:
   """The builder config for `data.text_source` "stdlib" or "files"."""
-  corpus = corpus_layout(data)
+  files = corpus_layout(data)
   if data.text_source == "stdlib":
     # Named by the file set alone, as before layouts existed: its split rule never changed.
-    name = f"stdlib-{text.stdlib_tag()}-{text.fingerprint(corpus.root, sorted(corpus.sizes))}"
-    description = f"standard-library sources under {corpus.root}"
+    name = f"stdlib-{corpus.stdlib_tag()}-{corpus.fingerprint(files.root, sorted(files.sizes))}"
+    description = f"standard-library sources under {files.root}"
   else:
-    name = f"files-{corpus.rule}-{text.layout_fingerprint(corpus)}"
-    description = (f"{len(corpus.sizes)} files under {corpus.root} ({data.text_files}), split by {corpus.rule}: "
-                   f"{corpus.describe()}")
-  pieces = tuple((split, p.path, p.begin, p.end, p.whole) for split, ps in corpus.splits.items() for p in ps)
-  return TextFilesConfig(name=name, version=VERSION, description=description, root=corpus.root, pieces=pieces)
+    name = f"files-{files.rule}-{corpus.layout_fingerprint(files)}"
+    description = (f"{len(files.sizes)} files under {files.root} ({data.text_files}), split by {files.rule}: "
+                   f"{files.describe()}")
+  pieces = tuple((split, p.path, p.begin, p.end, p.whole) for split, ps in files.splits.items() for p in ps)
+  return TextFilesConfig(name=name, version=VERSION, description=description, root=files.root, pieces=pieces)
 
 
 class WmTextFiles(tfds.core.GeneratorBasedBuilder):
@@ -192,7 +192,7 @@ class WmTextFiles(tfds.core.GeneratorBasedBuilder):
     del dl_manager
     return {split: self._generate_examples(pieces) for split, pieces in self.builder_config.splits().items()}
 
-  def _generate_examples(self, pieces: list[text.Piece]):
+  def _generate_examples(self, pieces: list[corpus.Piece]):
     for i, piece in enumerate(pieces):
       with open(os.path.join(self.builder_config.root, piece.path), "rb") as f:
         f.seek(piece.begin)

@@ -9,7 +9,7 @@ Datasets by `config.data`:
 - a synthetic task (`wm.data.tasks`) or a local text source ("stdlib", "files"):
   TFDS datasets `wm` builds itself (`wm.data.builders`), built by `prepare`
   when missing: nothing to download, seconds on 2 cores (100k MQAR examples,
-  the stdlib corpus). Local files split as `wm.data.text.layout` says; a
+  the stdlib corpus). Local files split as `wm.data.corpus.layout` says; a
   layout with a test split (a single file, files named for their splits,
   test=PATTERNS) gives `make_iterator(config, "test", ...)`.
 - `data.text_source` naming a registered TFDS dataset ("lm1b",
@@ -39,7 +39,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from wm.config import ConfigError
-from wm.data import builders, records, text
+from wm.data import builders, corpus, records, text
 
 _INFO = "dataset_info.json"
 
@@ -133,9 +133,9 @@ def _check_readable(path: str) -> None:
 
 def _check_text_fits(config: ml_collections.ConfigDict) -> None:
   """Every split of a local corpus holds at least one example of data.seq_len tokens."""
-  corpus = builders.corpus_layout(config.data)
-  for split, pieces in corpus.splits.items():
-    text.check_fits(split, corpus.bytes(split) + len(pieces), config.data.seq_len, _describe(config.data))
+  files = builders.corpus_layout(config.data)
+  for split, pieces in files.splits.items():
+    corpus.check_fits(split, files.bytes(split) + len(pieces), config.data.seq_len, _describe(config.data))
 
 
 def prepare(config: ml_collections.ConfigDict, allow_build: bool = True) -> None:
@@ -152,7 +152,7 @@ def prepare(config: ml_collections.ConfigDict, allow_build: bool = True) -> None
 
   Raises:
     DatasetNotPrepared: a registered dataset is missing (or a local one with allow_build=False).
-    wm.data.text.CorpusError: data.text_files matches nothing, or a split is
+    wm.data.corpus.CorpusError: data.text_files matches nothing, or a split is
       empty or shorter than one example.
   """
   path = dataset_path(config)  # raises for a missing registered dataset
@@ -252,7 +252,7 @@ def examples(config: ml_collections.ConfigDict, split: str) -> Any:
 
   Raises:
     DatasetNotPrepared: the dataset is not in its data_dir.
-    wm.data.text.CorpusError: a text split is shorter than one example.
+    wm.data.corpus.CorpusError: a text split is shorter than one example.
   """
   data = config.data
   source, path = _source(config, split)
@@ -265,7 +265,7 @@ def examples(config: ml_collections.ConfigDict, split: str) -> Any:
   documents = _Feature(source, feature)
   packed = text.PackedSequences(documents, data.seq_len, _lengths(documents, path, split))
   if not len(packed):
-    text.check_fits(split, int(packed.starts[-1]), data.seq_len, _describe(data))
+    corpus.check_fits(split, int(packed.starts[-1]), data.seq_len, _describe(data))
   return packed
 
 
