@@ -301,6 +301,12 @@ def test_text_files_builder_and_packed_batches(tmp_path):
   assert got.shape[1] == 17 and len(batches) == (len(stream) // 17) // 4
   assert got.astype(np.uint8).tobytes() == stream[:got.size]
   assert pipeline.bytes_per_token(config) == 1.0 and config.data.vocab_size == 256
+  # Padded to whole batches, an epoch scores every chunk once, on two processes too.
+  chunks = len(stream) // 17
+  for count in (1, 2):
+    padded = [b for p in range(count) for b in pipeline.make_iterator(
+        config, "train", shuffle=True, num_epochs=1, drop_remainder=False, process_index=p, process_count=count)]
+    assert sum(b["weights"].sum() for b in padded) == chunks * 16 and chunks % 4 != 0
 
 
 def split_texts(config):

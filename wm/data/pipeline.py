@@ -284,24 +284,25 @@ class _ReadBatch:
     self.source = source
     self.pad = {k: np.zeros_like(v) for k, v in source[0].items()}
 
-  def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+  def _read(self, keys: list[int]) -> dict[str, np.ndarray]:
     read_batch = getattr(self.source, "read_batch", None)
     if read_batch is not None:  # records.FixedRecords: the whole batch decoded at once
-      wanted = np.asarray(indices)
-      real = wanted < len(self.source)
-      got = read_batch(wanted[real].tolist())
-      if real.all():
-        return got
-      out = {k: np.zeros((len(wanted), *v.shape), v.dtype) for k, v in self.pad.items()}
+      return read_batch(keys)
+    getitems = getattr(self.source, "__getitems__", None)
+    rows = getitems(keys) if getitems else [self.source[i] for i in keys]
+    return {k: np.stack([r[k] for r in rows]) for k in self.pad}
+
+  def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    wanted = np.asarray(indices)
+    real = wanted < len(self.source)
+    if real.all():
+      return self._read(wanted.tolist())
+    out = {k: np.zeros((len(wanted), *v.shape), v.dtype) for k, v in self.pad.items()}
+    if real.any():
+      got = self._read(wanted[real].tolist())
       for k in out:
         out[k][real] = got[k]
-      return out
-    wanted = [int(i) for i in indices]
-    real = [i for i in wanted if i < len(self.source)]
-    getitems = getattr(self.source, "__getitems__", None)
-    found = iter(getitems(real) if getitems else [self.source[i] for i in real])
-    rows = [next(found) if i < len(self.source) else self.pad for i in wanted]
-    return {k: np.stack([r[k] for r in rows]) for k in self.pad}
+    return out
 
 
 def make_iterator(config: ml_collections.ConfigDict, split: str, *, shuffle: bool, num_epochs: int | None,
