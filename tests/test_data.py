@@ -552,6 +552,10 @@ def test_validation_once_in_order_with_optional_padding(mqar_config):
   config = mqar_config
   dropped = list(pipeline.make_iterator(config, "validation", shuffle=False, num_epochs=1))
   assert indices_of(dropped, config, "validation") == list(range(32))  # 37 -> 4 full batches of 8
+  rows = pipeline.read_rows(pipeline.examples(config, "validation"), [36, 2, 37, 40])  # two past the end: padding
+  for k, v in tasks.example_range(config.data, "validation", 0, 37).items():
+    np.testing.assert_array_equal(rows[k][:2], v[[36, 2]])
+    assert np.all(rows[k][2:] == 0)
   padded = list(pipeline.make_iterator(config, "validation", shuffle=False, num_epochs=1, drop_remainder=False))
   assert len(padded) == 5 and padded[-1]["inputs"].shape == (8, 32)
   total = sum(tasks.example(config.data, "validation", i)["weights"].sum() for i in range(37))

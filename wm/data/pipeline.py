@@ -2,6 +2,7 @@
 
     prepare(config)                       build local datasets that are missing
     make_iterator(config, split, ...)     per-process batches {inputs, targets, weights}
+    examples(config, split), read_rows    random access, a list of rows read at once
     save_iterator_state / restore_iterator_state   for Orbax `JsonSave` checkpoints
 
 Datasets by `config.data`:
@@ -26,6 +27,7 @@ prepared `dataset_info.json` is known to exist.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -282,7 +284,10 @@ class _ReadBatch:
 
   def __init__(self, source: Any):
     self.source = source
-    self.pad = {k: np.zeros_like(v) for k, v in source[0].items()}
+
+  @functools.cached_property
+  def pad(self) -> dict[str, np.ndarray]:
+    return {k: np.zeros_like(v) for k, v in self.source[0].items()}
 
   def _read(self, keys: list[int]) -> dict[str, np.ndarray]:
     read_batch = getattr(self.source, "read_batch", None)
@@ -290,7 +295,7 @@ class _ReadBatch:
       return read_batch(keys)
     getitems = getattr(self.source, "__getitems__", None)
     rows = getitems(keys) if getitems else [self.source[i] for i in keys]
-    return {k: np.stack([r[k] for r in rows]) for k in self.pad}
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
   def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     wanted = np.asarray(indices)
@@ -303,6 +308,16 @@ class _ReadBatch:
       for k in out:
         out[k][real] = got[k]
     return out
+
+
+def read_rows(source: Any, indices: Any) -> dict[str, np.ndarray]:
+  """The examples of `source` (from `examples`) at `indices`, stacked, read in one call where it can.
+
+  Indices at or past len(source) give weight-0 zero rows (padding). Reading a
+  list at once is what makes array_record fast (see `_ReadBatch`); use this
+  rather than `source[i]` row by row.
+  """
+  return _ReadBatch(source)(np.asarray(indices, np.int64))
 
 
 def make_iterator(config: ml_collections.ConfigDict, split: str, *, shuffle: bool, num_epochs: int | None,
