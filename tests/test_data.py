@@ -400,7 +400,7 @@ def test_split_names(path, split):
   assert corpus.named_split(path) == split
 
 
-def test_corpus_errors_name_the_path_and_the_fix(tmp_path):
+def test_corpus_errors_name_the_path_and_the_fix(tmp_path, monkeypatch):
   (tmp_path / "empty.txt").write_bytes(b"")
   (tmp_path / "ptb").mkdir()
   (tmp_path / "ptb" / "ptb.train.txt").write_bytes(b"x" * 5000)
@@ -419,6 +419,10 @@ def test_corpus_errors_name_the_path_and_the_fix(tmp_path):
   (tmp_path / "ptb" / "README").write_text("Penn Treebank, Mikolov's version\n")
   with pytest.raises(corpus.CorpusError, match="do not \\(README\\)"):
     corpus.layout(str(tmp_path / "ptb"))
+  # A document must fit in one protobuf record (2 GiB); here the limit is lowered to 100 bytes.
+  monkeypatch.setattr(corpus, "MAX_DOCUMENT_BYTES", 100)
+  with pytest.raises(corpus.CorpusError, match=r"ptb.train.txt would be one 5,000-byte document of the train split"):
+    corpus.layout(f"train={tmp_path}/ptb/ptb.train.txt;validation={tmp_path}/ptb/ptb.valid.txt")
   # All of them are configuration errors: the command line prints the message, not a traceback.
   assert issubclass(corpus.CorpusError, config_lib.ConfigError)
 

@@ -54,6 +54,10 @@ _SPLIT_WORDS = {"train": "train", "valid": "validation", "validation": "validati
 # Bump when a layout rule below changes, so corpora prepared under the old rule
 # are not read as if split by the new one (prepared datasets are named by it).
 LAYOUT_VERSION = 1
+# A document is one TFDS record, a protobuf message, and protobuf refuses
+# messages of 2 GiB or more: enwik9's 900 MB train split fits, a 3 GB single
+# file does not (the error says to cut it into files named for their split).
+MAX_DOCUMENT_BYTES = 2**31 - 2**20
 
 
 class CorpusError(ConfigError):
@@ -324,6 +328,13 @@ def layout(spec: str) -> Layout:
       files = sorted({p.path for p in result.splits[split]})
       raise CorpusError(f"data.text_files: the {split} split holds no text: {', '.join(files[:4])} "
                         f"{'is' if len(files) == 1 else 'are'} empty; give it a file with text")
+    for p in result.splits[split]:
+      if p.end - p.begin > MAX_DOCUMENT_BYTES:
+        raise CorpusError(
+            f"data.text_files: {os.path.join(result.root, p.name)} would be one {p.end - p.begin:,}-byte document "
+            f"of the {split} split; a document (one TFDS record) must stay under {MAX_DOCUMENT_BYTES:,} bytes. "
+            f"Cut the file into several (e.g. split -C 1G) and name the parts for their splits, or list them as "
+            f"'train=...;validation=...;test=...'")
   return result
 
 
