@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from wm import config as config_lib
-from wm.data import pipeline, tasks, text
+from wm.data import corpus, pipeline, tasks, text
 
 
 def make_config(task="mqar", data_dir="", **data):
@@ -151,6 +151,27 @@ def test_mqar_splits_disjoint_at_default_size():
   assert len(train) == 3000 and not train & validation
 
 
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_example_range_is_the_examples_stacked(task):
+  """The block path that writes datasets gives example(i) row for row, across block boundaries."""
+  data = make_config(task).data
+  start, stop = tasks.BLOCK - 3, tasks.BLOCK + 5
+  for split in tasks.SPLITS:
+    block = tasks.example_range(data, split, start, stop)
+    for k in ("inputs", "targets", "weights"):
+      np.testing.assert_array_equal(block[k], np.stack([e[k] for e in examples(data, split, stop - start, start)]))
+    assert np.all(tasks.split_of(block["inputs"]) == split)
+
+
+def test_distinct_draws_are_uniform_samples_without_replacement():
+  rng = np.random.default_rng(0)
+  drawn = tasks._distinct(rng, 20_000, 5, 3)
+  assert all(len(set(row)) == 3 for row in drawn.tolist()) and drawn.min() == 0 and drawn.max() == 4
+  # All 5*4*3 = 60 ordered triples equally likely: 333 each, binomial sd 18; 5 sd bounds.
+  counts = np.unique(drawn @ np.array([25, 5, 1]), return_counts=True)[1]
+  assert len(counts) == 60 and np.all(np.abs(counts - 20_000 / 60) < 5 * 18)
+
+
 def test_task_spec_names_every_task():
   for name in tasks.TASKS:
     spec = tasks.task_spec(name)
@@ -190,12 +211,12 @@ def test_packing_is_the_document_stream_cut_into_chunks():
 
 def test_file_split_is_by_path_and_keeps_both_splits():
   many = [f"pkg/module_{i}.py" for i in range(2000)]
-  splits = text.split_files(many)
+  splits = corpus.split_files(many)
   share = len(splits["validation"]) / 2000
   assert 0.03 < share < 0.07
-  assert all(text.file_split(f) == "validation" for f in splits["validation"])
-  assert text.split_files(list(reversed(many))) == splits
-  few = text.split_files(["a.txt", "b.txt", "c.txt"])
+  assert all(corpus.file_split(f) == "validation" for f in splits["validation"])
+  assert corpus.split_files(list(reversed(many))) == splits
+  few = corpus.split_files(["a.txt", "b.txt", "c.txt"])
   assert few["train"] and few["validation"] and sorted(few["train"] + few["validation"]) == ["a.txt", "b.txt", "c.txt"]
 
 
@@ -231,6 +252,36 @@ def test_synthetic_builder_stores_the_task_examples(mqar_config):
   assert pipeline.dataset_path(other) != path  # a parameter set has its own config name
 
 
+def test_fast_records_parse_like_tfds_serialized_ones(mqar_config):
+  """Our numpy-built records are the proto TFDS's own serializer makes, and decode to the examples."""
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.core import example_serializer
+  from tensorflow_datasets.proto import tf_example_pb2
+  from wm.data import builders, records
+  builder = builders.builder_for(mqar_config.data, mqar_config.data.data_dir)
+  features = builder.info.features
+  reference = example_serializer.ExampleSerializer(features.get_serialized_info())
+  block = tasks.example_range(mqar_config.data, "validation", 0, 5)
+  ours = records.serialize({k: block[k] for k in features.keys()})
+  for i, row in enumerate(ours):
+    want = reference.serialize_example(features.encode_example({k: v[i] for k, v in block.items()}))
+    assert tf_example_pb2.Example.FromString(row.tobytes()) == tf_example_pb2.Example.FromString(want)
+  # The prepared files hold exactly these bytes, read back through TFDS...
+  source = tfds.builder_from_directory(pipeline.dataset_path(mqar_config)).as_data_source()
+  for i in range(5):
+    for k in block:
+      np.testing.assert_array_equal(source["validation"][i][k], block[k][i])
+  # ...and through the numpy decoder the loader uses, a batch at a time.
+  fast = pipeline.examples(mqar_config, "validation")
+  assert isinstance(fast, records.FixedRecords) and len(fast) == 37
+  got = fast.read_batch([3, 0, 4])
+  for k in block:
+    np.testing.assert_array_equal(got[k], block[k][[3, 0, 4]])
+    assert got[k].dtype == block[k].dtype
+  # Records of another layout are not ours to slice: TFDS decodes them.
+  assert records.FixedRecords.open(source["validation"].data_source, {"inputs": (np.int64, (32,))}) is None
+
+
 def test_text_files_builder_and_packed_batches(tmp_path):
   import tensorflow_datasets as tfds
   docs = write_corpus(tmp_path / "corpus")
@@ -238,7 +289,7 @@ def test_text_files_builder_and_packed_batches(tmp_path):
                        text_files=str(tmp_path / "corpus" / "*.txt"))
   pipeline.prepare(config)
   source = tfds.builder_from_directory(pipeline.dataset_path(config)).as_data_source()
-  want = text.split_files(sorted(docs))
+  want = corpus.split_files(sorted(docs))
   for split in ("train", "validation"):
     records = [source[split][i] for i in range(len(source[split]))]
     assert [r["path"].decode() for r in records] == want[split]
@@ -250,6 +301,144 @@ def test_text_files_builder_and_packed_batches(tmp_path):
   assert got.shape[1] == 17 and len(batches) == (len(stream) // 17) // 4
   assert got.astype(np.uint8).tobytes() == stream[:got.size]
   assert pipeline.bytes_per_token(config) == 1.0 and config.data.vocab_size == 256
+  # Padded to whole batches, an epoch scores every chunk once, on two processes too.
+  chunks = len(stream) // 17
+  for count in (1, 2):
+    padded = [b for p in range(count) for b in pipeline.make_iterator(
+        config, "train", shuffle=True, num_epochs=1, drop_remainder=False, process_index=p, process_count=count)]
+    assert sum(b["weights"].sum() for b in padded) == chunks * 16 and chunks % 4 != 0
+
+
+def split_texts(config):
+  """Each prepared split's documents: [(path, text bytes)]."""
+  import tensorflow_datasets as tfds
+  source = tfds.builder_from_directory(pipeline.dataset_path(config)).as_data_source()
+  return {s: [(r["path"].decode(), r["text"]) for r in (source[s][i] for i in range(len(source[s])))]
+          for s in source}
+
+
+def stream_of(config, split):
+  """The bytes a split's batches hold, in order (no shuffle), each chunk rebuilt from inputs + last target."""
+  batches = list(pipeline.make_iterator(config, split, shuffle=False, num_epochs=1))
+  got = np.concatenate([np.concatenate([b["inputs"], b["targets"][:, -1:]], axis=1) for b in batches])
+  return got.astype(np.uint8).tobytes()
+
+
+def test_penn_treebank_layout_trains_on_the_train_file(tmp_path):
+  """ptb.train.txt (large), ptb.valid.txt (small), ptb.test.txt go to their splits, whatever their hashes."""
+  rng = np.random.default_rng(0)
+  words = [b"the", b"market", b"n't", b"<unk>", b"$", b"N", b"stock", b"said"]
+  def sentences(n):
+    return b"".join(b" " + b" ".join(words[i] for i in rng.integers(0, len(words), 12)) + b" \n" for _ in range(n))
+  files = {"ptb.train.txt": sentences(400), "ptb.valid.txt": sentences(30), "ptb.test.txt": sentences(40)}
+  (tmp_path / "ptb").mkdir()
+  for name, body in files.items():
+    (tmp_path / "ptb" / name).write_bytes(body)
+  for spec in (str(tmp_path / "ptb"), str(tmp_path / "ptb" / "ptb.*.txt")):
+    config = make_config("text", tmp_path / "tfds", text_source="files", text_files=spec, seq_len=32, batch_size=4)
+    pipeline.prepare(config)
+    assert split_texts(config) == {"train": [("ptb.train.txt", files["ptb.train.txt"])],
+                                   "validation": [("ptb.valid.txt", files["ptb.valid.txt"])],
+                                   "test": [("ptb.test.txt", files["ptb.test.txt"])]}
+    for split, name in (("train", "ptb.train.txt"), ("validation", "ptb.valid.txt"), ("test", "ptb.test.txt")):
+      stream = stream_of(config, split)
+      assert len(stream) > 0 and stream == (files[name] + b"\0")[:len(stream)]
+  assert "-names-" in pipeline.dataset_path(config)
+
+
+def test_a_single_file_splits_by_position(tmp_path):
+  body = np.random.default_rng(1).integers(1, 256, 10_007, dtype=np.uint8).tobytes()
+  (tmp_path / "enwik8").write_bytes(body)
+  config = make_config("text", tmp_path / "tfds", text_source="files", text_files=str(tmp_path / "enwik8"),
+                       seq_len=16, batch_size=2)
+  layout = corpus.layout(config.data.text_files)
+  assert layout.rule == "position"
+  cuts = [(p.begin, p.end) for s in ("train", "validation", "test") for p in layout.splits[s]]
+  assert cuts == [(0, 9006), (9006, 9506), (9506, 10_007)]  # 90 / 5 / 5 percent, floor of each cut
+  pipeline.prepare(config)
+  texts = split_texts(config)
+  assert [p for s in ("train", "validation", "test") for p, _ in texts[s]] == [
+      "enwik8[0:9006]", "enwik8[9006:9506]", "enwik8[9506:10007]"]
+  # No overlap and full coverage: the three splits laid end to end are the file.
+  assert b"".join(texts[s][0][1] for s in ("train", "validation", "test")) == body
+  for split, (begin, end) in zip(("train", "validation", "test"), cuts):
+    stream = stream_of(config, split)
+    assert len(stream) == ((end - begin + 1) // 17 // 2) * 2 * 17 and stream == body[begin:begin + len(stream)]
+
+
+def test_explicit_split_patterns(tmp_path):
+  for folder in ("a", "b", "c"):
+    (tmp_path / folder).mkdir()
+  bodies = {"a/one.txt": b"first training file\n" * 5, "a/two.txt": b"second training file\n" * 5,
+            "b/held_out.txt": b"validation text here\n" * 3, "c/final.txt": b"test text here\n" * 3}
+  for name, body in bodies.items():
+    (tmp_path / name).write_bytes(body)
+  spec = f"train={tmp_path}/a/*.txt; valid={tmp_path}/b/held_out.txt; test={tmp_path}/c/final.txt"
+  config = make_config("text", tmp_path / "tfds", text_source="files", text_files=spec, seq_len=8, batch_size=2)
+  pipeline.prepare(config)
+  assert split_texts(config) == {"train": [("a/one.txt", bodies["a/one.txt"]), ("a/two.txt", bodies["a/two.txt"])],
+                                 "validation": [("b/held_out.txt", bodies["b/held_out.txt"])],
+                                 "test": [("c/final.txt", bodies["c/final.txt"])]}
+  assert stream_of(config, "test") == (bodies["c/final.txt"] + b"\0")[:len(stream_of(config, "test"))]
+  with pytest.raises(corpus.CorpusError, match="in both the train and the validation split"):
+    corpus.layout(f"train={tmp_path}/a/*.txt;validation={tmp_path}/a/one.txt")
+  with pytest.raises(corpus.CorpusError, match="no file for the validation split"):
+    corpus.layout(f"train={tmp_path}/a/*.txt;test={tmp_path}/c/final.txt")
+  with pytest.raises(corpus.CorpusError, match="has no SPLIT="):
+    corpus.layout(f"train={tmp_path}/a/*.txt;{tmp_path}/b/held_out.txt")
+  with pytest.raises(corpus.CorpusError, match="separate plain patterns with ','"):
+    corpus.layout(f"{tmp_path}/a/one.txt;{tmp_path}/a/two.txt")
+
+
+@pytest.mark.parametrize("path,split", [
+    ("ptb.train.txt", "train"), ("ptb.valid.txt", "validation"), ("ptb.test.txt", "test"),
+    ("wiki.train.tokens", "train"), ("wiki.valid.tokens", "validation"), ("validation.txt", "validation"),
+    ("dev-clean.txt", "validation"), ("train_00001.txt", "train"), ("data/test/0001.txt", "test"),
+    ("data/TRAIN/doc.txt", "train"), ("trainer.py", None), ("contest.txt", None), ("train_test_split.py", None),
+    ("enwik8", None), ("test/valid/x.txt", "validation")])
+def test_split_names(path, split):
+  assert corpus.named_split(path) == split
+
+
+def test_corpus_errors_name_the_path_and_the_fix(tmp_path, monkeypatch):
+  (tmp_path / "empty.txt").write_bytes(b"")
+  (tmp_path / "ptb").mkdir()
+  (tmp_path / "ptb" / "ptb.train.txt").write_bytes(b"x" * 5000)
+  (tmp_path / "ptb" / "ptb.valid.txt").write_bytes(b"tiny")
+  missing = str(tmp_path / "nothing" / "*.txt")
+  with pytest.raises(corpus.CorpusError) as e:
+    corpus.layout(missing)
+  assert missing in str(e.value) and "matches no file" in str(e.value)
+  with pytest.raises(corpus.CorpusError, match=f"{tmp_path / 'empty.txt'} is empty"):
+    corpus.layout(str(tmp_path / "empty.txt"))
+  short = make_config("text", tmp_path / "tfds", text_source="files", text_files=str(tmp_path / "ptb"), seq_len=64)
+  with pytest.raises(corpus.CorpusError) as e:
+    pipeline.prepare(short)
+  assert "validation split packs into 5 bytes" in str(e.value) and "data.seq_len=64 needs 65" in str(e.value)
+  # A README beside the named files is ambiguous: say so rather than guess.
+  (tmp_path / "ptb" / "README").write_text("Penn Treebank, Mikolov's version\n")
+  with pytest.raises(corpus.CorpusError, match="do not \\(README\\)"):
+    corpus.layout(str(tmp_path / "ptb"))
+  # A document must fit in one protobuf record (2 GiB); here the limit is lowered to 100 bytes.
+  monkeypatch.setattr(corpus, "MAX_DOCUMENT_BYTES", 100)
+  with pytest.raises(corpus.CorpusError, match=r"ptb.train.txt would be one 5,000-byte document of the train split"):
+    corpus.layout(f"train={tmp_path}/ptb/ptb.train.txt;validation={tmp_path}/ptb/ptb.valid.txt")
+  # All of them are configuration errors: the command line prints the message, not a traceback.
+  assert issubclass(corpus.CorpusError, config_lib.ConfigError)
+
+
+def test_prepared_corpus_name_follows_the_files_and_the_split_rule(tmp_path):
+  (tmp_path / "train.txt").write_bytes(b"some training text\n" * 50)
+  (tmp_path / "valid.txt").write_bytes(b"some validation text\n" * 10)
+  def name(spec):
+    return pipeline.dataset_path(make_config("text", tmp_path, text_source="files", text_files=spec))
+  by_names = name(str(tmp_path / "*.txt"))
+  swapped = name(f"train={tmp_path}/valid.txt;validation={tmp_path}/train.txt")
+  one_file = name(str(tmp_path / "train.txt"))
+  assert len({by_names, swapped, one_file}) == 3
+  assert name(str(tmp_path / "*.txt")) == by_names  # a function of the files and the rule alone
+  os.utime(tmp_path / "valid.txt", ns=(0, 0))
+  assert name(str(tmp_path / "*.txt")) != by_names  # an edited file prepares anew
 
 
 def test_stdlib_corpus_prepares_offline(tmp_path):
@@ -258,12 +447,16 @@ def test_stdlib_corpus_prepares_offline(tmp_path):
   start = time.perf_counter()
   pipeline.prepare(config)
   assert time.perf_counter() - start < 30
-  root, files = text.stdlib_files()
+  root, files = corpus.stdlib_files()
   assert len(files) > 100 and not any("site-packages" in f or f.startswith("test/") for f in files)
+  # The corpus is as it was before layouts: its name, its split by path hash.
+  assert os.path.basename(os.path.dirname(pipeline.dataset_path(config))) == (
+      f"stdlib-{corpus.stdlib_tag()}-{corpus.fingerprint(root, files)}")
   source = tfds.builder_from_directory(pipeline.dataset_path(config)).as_data_source()
   assert len(source["train"]) + len(source["validation"]) == len(files) and len(source["validation"]) > 0
+  assert [r["path"].decode() for r in source["validation"]] == corpus.split_files(files)["validation"]
   assert sum(len(r["text"]) for r in source["validation"]) == sum(
-      os.path.getsize(os.path.join(root, f)) for f in text.split_files(files)["validation"])
+      os.path.getsize(os.path.join(root, f)) for f in corpus.split_files(files)["validation"])
   batch = next(pipeline.make_iterator(config, "validation", shuffle=True, num_epochs=None))
   assert batch["inputs"].shape == (4, 64) and batch["inputs"].max() < 256
 
@@ -278,7 +471,7 @@ def test_a_registered_dataset_is_read_from_data_dir(tmp_path):
   config = make_config("text", tmp_path / "tfds", text_source="my_corpus", seq_len=8, batch_size=2)
   pipeline.prepare(config)  # checks only
   got = list(pipeline.make_iterator(config, "train", shuffle=False, num_epochs=1))
-  stream = b"".join(docs[f] + b"\0" for f in text.split_files(sorted(docs))["train"])
+  stream = b"".join(docs[f] + b"\0" for f in corpus.split_files(sorted(docs))["train"])
   assert got[0]["inputs"][0].astype(np.uint8).tobytes() == stream[:8]
   bad = make_config("text", tmp_path / "tfds", text_source="my_corpus", text_feature="content")
   with pytest.raises(ValueError, match="text_feature='content' is not a feature"):
@@ -363,6 +556,10 @@ def test_validation_once_in_order_with_optional_padding(mqar_config):
   config = mqar_config
   dropped = list(pipeline.make_iterator(config, "validation", shuffle=False, num_epochs=1))
   assert indices_of(dropped, config, "validation") == list(range(32))  # 37 -> 4 full batches of 8
+  rows = pipeline.read_rows(pipeline.examples(config, "validation"), [36, 2, 37, 40])  # two past the end: padding
+  for k, v in tasks.example_range(config.data, "validation", 0, 37).items():
+    np.testing.assert_array_equal(rows[k][:2], v[[36, 2]])
+    assert np.all(rows[k][2:] == 0)
   padded = list(pipeline.make_iterator(config, "validation", shuffle=False, num_epochs=1, drop_remainder=False))
   assert len(padded) == 5 and padded[-1]["inputs"].shape == (8, 32)
   total = sum(tasks.example(config.data, "validation", i)["weights"].sum() for i in range(37))

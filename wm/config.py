@@ -50,7 +50,11 @@ def base_config() -> ml_collections.ConfigDict:
   d.nback = 4  # n of the n-back task
   # text
   d.text_source = "stdlib"  # "stdlib" (the interpreter's own sources), "files", or a TFDS dataset name
-  d.text_files = ""  # comma-separated paths or globs when text_source == "files"
+  # text_source == "files": comma-separated paths, globs (** recurses) or folders. One file splits by position
+  # (first 90% of its bytes train, next 5% validation, last 5% test); files all named for a split
+  # (ptb.train.txt, wiki.valid.tokens, test.txt; words train/valid/validation/dev/test) go to it; any other
+  # set by a hash of each path (5% validation). Or per split: "train=a/*.txt;validation=b.txt;test=c.txt".
+  d.text_files = ""
   d.text_feature = "text"  # feature holding the text in a TFDS dataset
   d.data_dir = ""  # where TFDS datasets are prepared; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
   d.worker_count = 0  # grain worker processes (0 = in-process; >0 needs a __main__ guard)
@@ -253,7 +257,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if d.task == "nback":
     _need(1 <= d.nback < d.seq_len, "data.nback", f"must be in [1, seq_len), got {d.nback}")
   if d.task == "text" and d.text_source == "files":
-    _need(bool(d.text_files), "data.text_files", "set it to comma-separated paths or globs")
+    _need(bool(d.text_files), "data.text_files",
+          "set it to comma-separated paths or globs, or to 'train=GLOBS;validation=GLOBS[;test=GLOBS]'")
 
   _need(m.name in MODELS, "model.name", f"{m.name!r} is not one of {MODELS}")
   for f in ("d", "layers", "heads", "kv_heads", "mlp_ratio", "latent_dim", "components"):

@@ -1,7 +1,8 @@
 """Data: synthetic working-memory tasks and text, as TFDS datasets read through grain.
 
     tasks.py     synthetic tasks, each example a function of (task config, split, index)
-    text.py      byte-level tokenizer, local corpora, packing documents into sequences
+    text.py      byte-level tokenizer, local corpora and their split layouts, packing
+    records.py   blocks of fixed-shape examples as TFDS records, written and read with numpy
     builders.py  TFDS builders for the tasks and local text (array_record, no TensorFlow)
     pipeline.py  prepare(config), make_iterator(config, split, ...): sharded, resumable batches
 

@@ -1,4 +1,6 @@
-"""Byte-level text: the tokenizer, the offline corpus, and packing documents into sequences.
+"""Byte-level text: the tokenizer, and packing documents into sequences.
+
+Which documents make each split of a local corpus is `wm.data.corpus`.
 
 Tokens are the bytes of the UTF-8 text (vocabulary 256), so any text encodes
 without an out-of-vocabulary token and a model's nats per token convert
@@ -19,11 +21,6 @@ from __future__ import annotations
 
 import bisect
 import functools
-import glob
-import hashlib
-import os
-import sys
-import sysconfig
 from typing import Any, Sequence
 
 import numpy as np
@@ -117,114 +114,3 @@ class PackedSequences:
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     x = self.chunk(int(index)).astype(np.int32)
     return {"inputs": x[:-1], "targets": x[1:], "weights": np.ones(self.seq_len, np.float32)}
-
-
-# ---------------------------------------------------------------------------
-# Local corpora: which files, and how they split.
-
-# Directories left out of the standard-library corpus: third-party packages are
-# not the standard library, and the test suites are large and repetitive.
-_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
-VALIDATION_PERCENT = 5
-
-
-def stdlib_files() -> tuple[str, tuple[str, ...]]:
-  """The running interpreter's own standard-library `.py` sources.
-
-  Returns:
-    (root, relative paths, sorted). CPython 3.11 gives about 730 files, 12 MB.
-  """
-  root = sysconfig.get_paths()["stdlib"]
-  found = []
-  for folder, dirs, files in os.walk(root):
-    dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
-    found.extend(os.path.relpath(os.path.join(folder, f), root) for f in files if f.endswith(".py"))
-  if not found:
-    raise FileNotFoundError(f"no .py files under the standard library at {root}")
-  return root, tuple(sorted(found))
-
-
-def user_files(spec: str) -> tuple[str, tuple[str, ...]]:
-  """Files named by `data.text_files`: comma-separated paths, globs or directories.
-
-  A directory stands for every file below it, hidden ones (`.git`, ...) left out.
-
-  Returns:
-    (root, relative paths, sorted), root being the files' deepest common folder.
-  """
-  paths = set()
-  for pattern in (p.strip() for p in spec.split(",")):
-    if not pattern:
-      continue
-    matches = glob.glob(os.path.expanduser(pattern), recursive=True)
-    if not matches:
-      raise FileNotFoundError(f"data.text_files: {pattern!r} matches no file")
-    for match in matches:
-      if os.path.isdir(match):
-        for folder, dirs, files in os.walk(match):
-          dirs[:] = [d for d in dirs if not d.startswith(".")]
-          paths.update(os.path.join(folder, f) for f in files if not f.startswith("."))
-      elif os.path.isfile(match):
-        paths.add(match)
-  paths = sorted(os.path.abspath(p) for p in paths)
-  if not paths:
-    raise FileNotFoundError(f"data.text_files={spec!r} names no files")
-  root = os.path.commonpath([os.path.dirname(p) for p in paths])
-  return root, tuple(sorted(os.path.relpath(p, root) for p in paths))
-
-
-def _percentile(relative_path: str) -> int:
-  """A number in [0, 100) from a hash of the path, the same on every machine."""
-  digest = hashlib.md5(relative_path.replace(os.sep, "/").encode()).digest()
-  return int.from_bytes(digest[:8], "little") % 100
-
-
-def file_split(relative_path: str) -> str:
-  """'validation' for about VALIDATION_PERCENT% of paths (by a hash of the path), else 'train'.
-
-  Hashing the path relative to the corpus root keeps a file in the same split
-  on every machine and whatever files are added or removed beside it.
-  """
-  return "validation" if _percentile(relative_path) < VALIDATION_PERCENT else "train"
-
-
-def split_files(files: Sequence[str]) -> dict[str, list[str]]:
-  """Files per split by `file_split`; both splits non-empty for two or more files.
-
-  When the hash sends no file to one split (likely with a handful of files),
-  the file whose hash is closest to that split moves there, so the split is
-  still a function of the file set alone.
-  """
-  if len(files) < 2:
-    raise ValueError(f"a text corpus needs at least 2 files (one per split), got {list(files)}")
-  splits = {"train": [], "validation": []}
-  for f in files:
-    splits[file_split(f)].append(f)
-  if not splits["validation"]:
-    moved = min(splits["train"], key=_percentile)
-    splits["train"].remove(moved)
-    splits["validation"].append(moved)
-  if not splits["train"]:
-    moved = max(splits["validation"], key=_percentile)
-    splits["validation"].remove(moved)
-    splits["train"].append(moved)
-  return {k: sorted(v) for k, v in splits.items()}
-
-
-def fingerprint(root: str, files: Sequence[str]) -> str:
-  """A short hash of the file set: relative paths, sizes and modification times.
-
-  Prepared corpora are named by it, so another file set (or an edited file)
-  prepares anew instead of silently reading stale text.
-  """
-  h = hashlib.sha256()
-  for f in files:
-    st = os.stat(os.path.join(root, f))
-    h.update(f"{f.replace(os.sep, '/')}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-  return h.hexdigest()[:10]
-
-
-def stdlib_tag() -> str:
-  """`py311`-style tag of the interpreter whose stdlib is the corpus."""
-  return f"py{sys.version_info.major}{sys.version_info.minor}"
-
