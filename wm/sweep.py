@@ -15,6 +15,7 @@ for the others (`--out` changes the root):
     runs/<point>/            the point's workdir (wm.train): config.json, metrics.jsonl, checkpoints/
     runs/<point>/resolved.json  the config the point trains (after the memory planner), fixed at first start
     runs/<point>/record.json    the point's record, written once it has finished
+    runs/<point>/error.json     why the point's last attempt failed (the grid goes on; the next run retries it)
     runs.jsonl               every finished point's record, one line each, in grid order
     <figure>.png, .svg, table.md
 
@@ -52,6 +53,7 @@ from typing import Any, Callable, Sequence
 
 RECORD = "record.json"
 RESOLVED = "resolved.json"
+ERROR = "error.json"  # the last failure of a point that has not finished (retried by the next run)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,6 +266,8 @@ def run_point(point: Point, out: str, record_extra: Callable[[Any, dict], dict] 
   if record_extra is not None:
     record.update(record_extra(config, result))
   _write_json(os.path.join(workdir, RECORD), record)
+  if os.path.exists(os.path.join(workdir, ERROR)):
+    os.remove(os.path.join(workdir, ERROR))
   return record
 
 
@@ -321,26 +325,40 @@ def main(name: str, grids: dict[str, Callable[[], list[Point]]], plot: Callable[
       print(f"{i:3d} {'done' if done else '    '} {'*' if p in mine else ' '} {p.name}"
             + (f"  budget={p.budget}{' (grow)' if p.grow else ''}" if p.budget else ""))
     return 0
+  failed: list[str] = []
   if not args.plot:
     todo = [p for p in mine if not os.path.exists(os.path.join(point_dir(out, p), RECORD))]
     print(f"{name} ({args.preset}): {len(points)} points, shard {index}/{count} has {len(mine)}, "
           f"{len(mine) - len(todo)} finished, {len(todo)} to run; records in {out}", file=sys.stderr)
     from tqdm import tqdm
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="point", dynamic_ncols=True)
+    failed = []
     for p in todo:
       bar.set_description(p.name)
-      record = run_point(p, out, record_extra)
+      try:
+        record = run_point(p, out, record_extra)
+      except Exception as e:  # one point's failure must not cost the rest of the grid  # pylint: disable=broad-except
+        failed.append(p.name)
+        message = f"{type(e).__name__}: {e}"
+        os.makedirs(point_dir(out, p), exist_ok=True)
+        _write_json(os.path.join(point_dir(out, p), ERROR), {"error": message, "code_version": code_version()})
+        bar.write(f"{p.name}: FAILED ({message[:300]}); the error is in {point_dir(out, p)}/{ERROR}, "
+                  f"and the next run retries the point")
+        continue
       write_runs_jsonl(out, points)
       bar.update(1)
       bar.write(f"{p.name}: " + json.dumps({k: record["eval"].get(k) for k in ("bits_per_byte", "accuracy")
                                             if k in record["eval"]}))
     bar.close()
+    if failed:
+      write_runs_jsonl(out, points)
+      print(f"{len(failed)} point(s) failed: {', '.join(failed)}", file=sys.stderr)
   records = write_runs_jsonl(out, points)
   if not records:
     print(f"no finished points under {out}/runs yet; nothing to plot", file=sys.stderr)
-    return 0
+    return 1 if failed else 0
   plot(records, out, args.preset)
-  return 0
+  return 1 if not args.plot and failed else 0
 
 
 def save_figure(fig, out: str, stem: str) -> None:

@@ -32,7 +32,9 @@ grown model is within about 12% of the largest width that fits.
 Search: every width gets the planner's estimate-only search (thousands of
 candidates a second, no compile); the largest width that fits by estimate is
 then planned with confirmation (one compile). If the compiler puts it above
-the budget, the next smaller width is tried, up to `max_widths_compiled`.
+the budget, the ratio of the compiled figure to the estimate rescales the
+estimates of the smaller widths and the largest that fits at that ratio is
+tried next, up to `max_widths_compiled` widths.
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ def grow(config: ml_collections.ConfigDict, budget_bytes: int, num_devices: int 
   widths = sorted(widths or width_ladder())
   precisions = list(precisions or [None])
   tried: list[dict[str, Any]] = []
-  fitting: list[tuple[int, tuple[str, str] | None, ml_collections.ConfigDict]] = []
+  fitting: list[tuple[int, tuple[str, str] | None, ml_collections.ConfigDict, int]] = []
   smallest_seen = None
   for d in widths:
     fits_here = None
@@ -158,7 +160,7 @@ def grow(config: ml_collections.ConfigDict, budget_bytes: int, num_devices: int 
       tried.append({"width": d, "precision": precision, "smallest_estimate_bytes": least,
                     "fits_by_estimate": least <= budget_bytes})
       if least <= budget_bytes:
-        fits_here = (d, precision, grown)
+        fits_here = (d, precision, grown, least)
         break
     if fits_here:
       fitting.append(fits_here)
@@ -171,20 +173,37 @@ def grow(config: ml_collections.ConfigDict, budget_bytes: int, num_devices: int 
         f"(d={widths[0]}) fits; the smallest estimate seen is {format_bytes(least)} at d={d}. "
         f"Raise the budget to at least {format_bytes(least)}, or shrink data.batch_size / data.seq_len.",
         budget=budget_bytes, smallest=int(least), dominant="activations")
-  last_error = None
-  for d, precision, grown in list(reversed(fitting))[:max_widths_compiled]:
+  # Confirm from the largest width down. When the compiler rejects a width,
+  # the ratio of its figure to the estimate says how far the estimate is off
+  # for this family and shape; widths that would not fit at that ratio are
+  # skipped instead of each costing compiles.
+  ratio, last_error = 1.0, None
+  for _ in range(max_widths_compiled):
+    left = [f for f in fitting if f[3] * ratio <= budget_bytes]
+    if not left:
+      break
+    d, precision, grown, least = left[-1]
     try:
-      result = plan_lib.plan(grown, budget_bytes, num_devices, confirm=confirm)
+      result = plan_lib.plan(grown, budget_bytes, num_devices, confirm=confirm, max_compiles=2)
     except plan_lib.BudgetTooSmall as e:
       last_error = e
-      tried.append({"width": d, "precision": precision, "rejected_by_compile": str(e)[:200]})
+      ratio = max(ratio, e.smallest / least)
+      tried.append({"width": d, "precision": precision, "rejected_by_compile": str(e)[:200],
+                    "compiled_over_estimate": round(e.smallest / least, 3)})
+      fitting = [f for f in fitting if f[0] < d]
       continue
     overrides = model_overrides(config, d)
     if precision:
       overrides.update({"precision.param_dtype": precision[0], "precision.compute_dtype": precision[1]})
     count = int(result.chosen.estimate.detail.get("param_count", 0))
     return Growth(budget_bytes, d, overrides, result, count, tried)
-  raise last_error
+  if last_error is None:
+    raise plan_lib.BudgetTooSmall(f"budget {format_bytes(budget_bytes)}: no width left to try", budget=budget_bytes,
+                                  smallest=0, dominant="activations")
+  raise plan_lib.BudgetTooSmall(
+      f"budget {format_bytes(budget_bytes)} per device: the compiler put every {config.model.name} width tried "
+      f"above it (the estimate was low by up to {ratio:.2f}x for this shape). {last_error}",
+      budget=budget_bytes, smallest=last_error.smallest, dominant=last_error.dominant)
 
 
 def main(config: ml_collections.ConfigDict, budget: str, as_json: bool = False) -> int:
