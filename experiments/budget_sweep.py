@@ -14,13 +14,13 @@ bits per byte, and training tokens/s, against the budget.
         --set data.text_source=lm1b --set data.data_dir=/data/tfds   # a TPU VM per shard
 
 Presets:
-  quick  budgets 4-64 MiB per device on one CPU device, byte-level text of the
+  quick  budgets 4-128 MiB per device on one CPU device, byte-level text of the
          offline corpus (the interpreter's standard library), sequences of
          128 bytes, batch 16, 200 steps (410k tokens) per point. The budgets are
          small because a budget sets the model's size and the model's size
          sets its compute: at 1 GiB the largest LSTM has ~50M parameters,
          which 2 CPU cores cannot train on a useful number of tokens in an
-         hour; 4-64 MiB spans 0.1M-3M parameters.
+         hour; 4-128 MiB spans 0.1M-6M parameters.
   full   budgets 1-64 GiB per device on the devices of the host (a TPU VM or
          GPU host), sequences of 512 bytes, global batch 64, 30k steps (~1B
          tokens) per point, bfloat16 compute. Point it at a real corpus with
@@ -43,7 +43,7 @@ FAMILIES = {  # family -> its text config
     "vae": "configs/vae_text.py:quick",
 }
 
-QUICK = dict(budgets=["4MiB", "8MiB", "16MiB", "32MiB", "64MiB"], seq_len=128, batch=16, steps=200)
+QUICK = dict(budgets=["4MiB", "8MiB", "16MiB", "32MiB", "64MiB", "128MiB"], seq_len=128, batch=16, steps=200)
 FULL = dict(budgets=["1GiB", "2GiB", "4GiB", "8GiB", "16GiB", "32GiB", "64GiB"], seq_len=512, batch=64,
             steps=30_000)
 
@@ -92,6 +92,8 @@ def plot(records: list[dict], out: str, preset: str) -> None:
   import matplotlib.pyplot as plt
   from wm.config import format_bytes
 
+  infeasible = [r for r in records if r.get("infeasible")]
+  records = [r for r in records if not r.get("infeasible")]
   fig, (ax_q, ax_s) = plt.subplots(1, 2, figsize=(10, 3.8))
   for family, marker in (("lstm", "o"), ("transformer", "s"), ("vae", "^")):
     rows = sorted((r for r in records if r["family"] == family), key=lambda r: r["budget_bytes"])
@@ -127,6 +129,9 @@ def plot(records: list[dict], out: str, preset: str) -> None:
     rows.append([r["family"], r["budget"], shape, f"{r['param_count'] / 1e6:.2f}M", plan,
                  format_bytes(r["estimate_bytes"]), format_bytes(r["compiled_bytes"]),
                  f"{r['tokens_per_s']:.0f}", f"{bits_per_byte(r):.3f}", r["eval"].get("eval_tokens", "")])
+  for r in sorted(infeasible, key=lambda r: (r["family"], r["budget_bytes"])):
+    rows.append([r["family"], r["budget"], "nothing fits", "", f"smallest compiled {format_bytes(r['smallest_fitting_bytes'])}",
+                 "", "", "", "", ""])
   note = (f"Each point: the largest model of its family whose train step fits the budget (wm.memory.grow), "
           f"trained {records[0]['steps']} steps ({tokens} tokens). `compiled` is the compiler's "
           f"argument + output - alias + temp for the step actually trained; jax {records[0]['jax_version']}, "

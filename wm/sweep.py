@@ -32,7 +32,9 @@ rebuilt from the record.json files (atomically) after every point and by
 `--plot`, so shards on a shared filesystem never write the same file at once
 except for that rebuild, whose last writer sees every record then present.
 
-Records. One JSON object per point: its overrides and labels, parameter
+Records. One JSON object per point (a point whose budget no configuration
+fits gets a record with "infeasible" and the smallest budget that would fit,
+and nothing trains): its overrides and labels, parameter
 count, state bytes at the task's context, training-step bytes (analytic
 estimate and the compiler's figure), the memory plan where a budget applied,
 tokens/s (median over the logged windows after the first, which holds the
@@ -238,8 +240,20 @@ def run_point(point: Point, out: str, record_extra: Callable[[Any, dict], dict] 
   """Trains one point (or resumes it) and writes its record; returns the record."""
   from wm import train
 
+  from wm.memory import plan as plan_lib
+
   workdir = point_dir(out, point)
-  config, resolved = resolve(point, workdir)
+  try:
+    config, resolved = resolve(point, workdir)
+  except plan_lib.BudgetTooSmall as e:
+    # Nothing fits this budget: that is the point's result, recorded like any
+    # other so the figure can say so and a rerun does not search again.
+    record = {"name": point.name, **point.labels, "config": point.config, "overrides": point.overrides,
+              "budget": point.budget, "budget_bytes": e.budget, "infeasible": str(e),
+              "smallest_fitting_bytes": e.smallest, "eval": {}, "code_version": code_version()}
+    os.makedirs(workdir, exist_ok=True)
+    _write_json(os.path.join(workdir, RECORD), record)
+    return record
   measured = measure_point(config, resolved)
   start = time.perf_counter()
   result = train.train_and_evaluate(config, workdir)
