@@ -32,7 +32,7 @@ grown model is within about 12% of the largest width that fits.
 Search: every width gets the planner's estimate-only search (thousands of
 candidates a second, no compile); the largest width that fits by estimate is
 then planned with confirmation (one compile). If the compiler puts it above
-the budget, the ratio of the compiled figure to the estimate rescales the
+the budget, the ratio of the compiled figure to the budget rescales the
 estimates of the smaller widths and the largest that fits at that ratio is
 tried next, up to `max_widths_compiled` widths.
 """
@@ -174,9 +174,9 @@ def grow(config: ml_collections.ConfigDict, budget_bytes: int, num_devices: int 
         f"Raise the budget to at least {format_bytes(least)}, or shrink data.batch_size / data.seq_len.",
         budget=budget_bytes, smallest=int(least), dominant="activations")
   # Confirm from the largest width down. When the compiler rejects a width,
-  # the ratio of its figure to the estimate says how far the estimate is off
-  # for this family and shape; widths that would not fit at that ratio are
-  # skipped instead of each costing compiles.
+  # how far its figure exceeds the budget says how far (at least) the estimate
+  # is off for this family and shape; widths that would not fit at that ratio
+  # are skipped instead of each costing compiles.
   ratio, last_error = 1.0, None
   for _ in range(max_widths_compiled):
     left = [f for f in fitting if f[3] * ratio <= budget_bytes]
@@ -187,9 +187,13 @@ def grow(config: ml_collections.ConfigDict, budget_bytes: int, num_devices: int 
       result = plan_lib.plan(grown, budget_bytes, num_devices, confirm=confirm, max_compiles=2)
     except plan_lib.BudgetTooSmall as e:
       last_error = e
-      ratio = max(ratio, e.smallest / least)
+      # The rejected candidates' estimates were at most the budget and the
+      # compiler's smallest figure for them is e.smallest, so the estimate is
+      # low by at least e.smallest / budget here (a lower bound: skipping by
+      # it never skips a width that the compiler would accept).
+      ratio = max(ratio, e.smallest / budget_bytes)
       tried.append({"width": d, "precision": precision, "rejected_by_compile": str(e)[:200],
-                    "compiled_over_estimate": round(e.smallest / least, 3)})
+                    "compiled_over_budget": round(e.smallest / budget_bytes, 3)})
       fitting = [f for f in fitting if f[0] < d]
       continue
     overrides = model_overrides(config, d)
@@ -202,7 +206,7 @@ def grow(config: ml_collections.ConfigDict, budget_bytes: int, num_devices: int 
                                   smallest=0, dominant="activations")
   raise plan_lib.BudgetTooSmall(
       f"budget {format_bytes(budget_bytes)} per device: the compiler put every {config.model.name} width tried "
-      f"above it (the estimate was low by up to {ratio:.2f}x for this shape). {last_error}",
+      f"above it (the estimate was low by at least {ratio:.2f}x for this shape). {last_error}",
       budget=budget_bytes, smallest=last_error.smallest, dominant=last_error.dominant)
 
 
