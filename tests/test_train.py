@@ -93,20 +93,8 @@ def test_incompatible_workdir_is_refused_untouched(tmp_path):
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(tiny_config(tmp_path, steps=10), workdir)
   before = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(workdir) for p in fs}
-  with pytest.raises(train.IncompatibleWorkdir, match="model.d: checkpoint 32, now 64"):
+  with pytest.raises(train.IncompatibleWorkdir,
+                     match=r"(?s)model.d: 32 -> 64.*state\['params'\]\['embed'\]\['embedding'\].value: checkpoint \(64, 32\)"):
     train.train_and_evaluate(tiny_config(tmp_path, steps=10, **{"model.d": 64}), workdir)
   after = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(workdir) for p in fs}
   assert before == after
-
-
-def test_corrupt_checkpoint_names_the_file(tmp_path):
-  workdir = tmp_path / "run"
-  config = tiny_config(tmp_path, steps=10)
-  train.train_and_evaluate(config, str(workdir))
-  ckpt = workdir / "checkpoints" / "10"
-  for path in ckpt.rglob("*"):
-    if path.is_file() and path.stat().st_size > 0 and "state" in str(path):
-      path.write_bytes(b"garbage")
-  with pytest.raises(RuntimeError, match=str(ckpt)):
-    train.train_and_evaluate(config_lib.override(config, {"train.steps": 20}), str(workdir))
-  assert ckpt.exists()  # nothing deleted
