@@ -274,8 +274,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _need(d.train_size >= 1, "data.train_size", f"must be >= 1, got {d.train_size}")
   _need(d.eval_size >= 1, "data.eval_size", f"must be >= 1, got {d.eval_size}")
   _need(d.worker_count >= 0, "data.worker_count", f"must be >= 0 (0 = in-process), got {d.worker_count}")
+  # Ranges hold whatever the task, so a nonsense value never waits for the day the task changes.
+  _need(d.num_kv_pairs >= 1, "data.num_kv_pairs", f"must be >= 1, got {d.num_kv_pairs}")
+  _need(d.power_a > 0, "data.power_a", f"must be > 0, got {d.power_a}")
+  _need(d.copy_len >= 1, "data.copy_len", f"must be >= 1, got {d.copy_len}")
+  _need(d.nback >= 1, "data.nback", f"must be >= 1, got {d.nback}")
   if d.task == "mqar":
-    _need(d.num_kv_pairs >= 1, "data.num_kv_pairs", "must be >= 1")
     _need(4 * d.num_kv_pairs <= d.seq_len, "data.num_kv_pairs",
           f"{d.num_kv_pairs} pairs need seq_len >= {4 * d.num_kv_pairs} (2 tokens per pair plus queries); "
           f"got seq_len={d.seq_len}")
@@ -396,6 +400,9 @@ def _check_mesh(ms: ml_collections.ConfigDict) -> None:
     _need(ms[f] == -1 or ms[f] >= 1, f"mesh.{f}", f"must be >= 1, or -1 for the devices left over; got {ms[f]}")
   _need(ms.num_processes >= 0, "mesh.num_processes", f"must be >= 0, got {ms.num_processes}")
   _need(ms.process_id >= -1, "mesh.process_id", f"must be >= 0, or -1 when unset; got {ms.process_id}")
+  if ms.process_id >= 0:
+    _need(ms.num_processes >= 1, "mesh.process_id",
+          f"is {ms.process_id}: also set mesh.num_processes (and mesh.coordinator_address)")
   if ms.num_processes:
     _need(ms.process_id < ms.num_processes, "mesh.process_id",
           f"{ms.process_id} is not below mesh.num_processes={ms.num_processes}")

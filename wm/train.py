@@ -72,6 +72,8 @@ class Records:
     if not self.enabled:
       return
     line = {"step": int(step), "split": split, **metrics}
+    # A non-finite float becomes null: NaN is not JSON, and readers other than Python's reject it.
+    line = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in line.items()}
     self.file.write(json.dumps(line) + "\n")
     self.file.flush()
     if self.writer is not None:
@@ -239,6 +241,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     from wm.memory import plan as plan_lib  # the planner compiles; import only when asked
     config, plan_record = plan_lib.apply(config, config_lib.parse_bytes(config.train.budget))
   pipeline.prepare(config)  # fails with the command to run when a dataset is missing
+  for split in ("train", "validation"):  # before anything compiles
+    if len(pipeline.examples(config, split)) == 0:
+      raise config_lib.ConfigError(
+          f"the {split} split of {config.data.task!r} holds no example of data.seq_len={config.data.seq_len} "
+          f"tokens; lower data.seq_len or give that split more data")
   setup = step_lib.make_setup(config)  # a mesh that does not fit the parameters fails here
 
   is_main = jax.process_index() == 0
@@ -317,7 +324,7 @@ def _loop(config, setup, workdir, state, start, train_iter, train_step, eval_ste
     last_eval = evaluate(config, setup, state, eval_step)
     records.write(0, "eval", last_eval)
 
-  guard = _NonFiniteGuard(config, saver, os.path.join(workdir, "checkpoints"))
+  guard = _NonFiniteGuard(config, saver, records, os.path.join(workdir, "checkpoints"))
   bar = None
   if is_main and t.progress:
     from tqdm import tqdm
@@ -382,10 +389,10 @@ class _NonFiniteGuard:
   the state is finite whatever happens here.
   """
 
-  def __init__(self, config, saver, ckpt_dir: str):
+  def __init__(self, config, saver, records, ckpt_dir: str):
     self.action, self.limit = config.train.on_nonfinite, config.train.max_skipped_in_row
     self.lr = config.optim.lr
-    self.saver, self.ckpt_dir = saver, ckpt_dir
+    self.saver, self.records, self.ckpt_dir = saver, records, ckpt_dir
     self.pending: tuple[int, dict[str, Any]] | None = None
     self.in_row = 0
 
@@ -403,6 +410,8 @@ class _NonFiniteGuard:
       logging.warning("step %d: loss %s, gradient norm %s: update dropped (%d in a row; stop at %d)",
                       step, loss, grad, self.in_row, self.limit)
       return
+    self.records.write(step, "train", {"loss": loss, "grad_norm": grad, "nonfinite_steps": self.in_row,
+                                       "stopped": "nonfinite"})
     self.saver.finish()  # the last save in flight is good: complete it, so it can be named
     last = self.saver.last_good
     where = (f"the last good checkpoint is {os.path.join(self.ckpt_dir, str(last))} (step {last}); rerunning the "
