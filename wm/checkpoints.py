@@ -124,6 +124,10 @@ def scan(directory: str) -> tuple[list[tuple[int, bool]], list[tuple[int, str]]]
   return candidates, bad
 
 
+class SaveFailed(OSError):
+  """A checkpoint could not be written (full or read-only disk); the earlier ones are intact."""
+
+
 class Saver:
   """Saves through an Orbax CheckpointManager; writes manifests and rotates once each save has finished.
 
@@ -149,7 +153,16 @@ class Saver:
     """Waits for the pending save, records its manifest, and rotates old steps."""
     if self.pending is None:
       return
-    self.manager.wait_until_finished()
+    step, self.pending = self.pending, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # Orbax re-raises the writer thread's error (ValueError, OSError, ...)
+      last = "none yet" if self.last_good is None else f"step {self.last_good}"
+      raise SaveFailed(
+          f"checkpoint step {step} could not be written to {self.directory} ({type(e).__name__}: ...{str(e)[-300:]}). "
+          f"Is the disk full or read-only? The earlier checkpoints are intact (the last good one: {last}); "
+          f"free space and rerun the same command to resume.") from e
+    self.pending = step
     self.barrier("wm_checkpoint_saved")  # every process's shards are on disk before process 0 hashes them
     if self.is_main:
       write_manifest(os.path.join(self.directory, str(self.pending)))
