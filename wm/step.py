@@ -188,17 +188,19 @@ def _global_batch_stats(graphdef, state: State, micro: dict, keys: jax.Array, kw
   if not getattr(model, "needs_batch_statistics", False):
     return None
 
-  def body(acc, xs):
+  def stats_of(params, rest, microbatch, k):
+    return nnx.merge(graphdef, params, rest).batch_statistics(microbatch, rngs=nnx.Rngs(k), **kwargs)
+
+  # The parameters ride in the carry so the model is merged from values of the
+  # scan's own trace level (NNX refuses to mix levels inside its transforms).
+  def body(carry, xs):
+    acc, params, rest = carry
     k, microbatch = xs
-    model = nnx.merge(graphdef, state["params"], state["rest"])
-    stats = model.batch_statistics(microbatch, rngs=nnx.Rngs(k), **kwargs)
-    return jax.tree.map(jnp.add, acc, stats), None
+    return (jax.tree.map(jnp.add, acc, stats_of(params, rest, microbatch, k)), params, rest), None
 
   first = jax.tree.map(lambda x: x[0], micro)
-  zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-      lambda: nnx.merge(graphdef, state["params"], state["rest"]).batch_statistics(
-          first, rngs=nnx.Rngs(keys[0]), **kwargs)))
-  stats, _ = jax.lax.scan(body, zeros, (keys, micro))
+  zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(stats_of, state["params"], state["rest"], first, keys[0]))
+  (stats, _, _), _ = jax.lax.scan(body, (zeros, state["params"], state["rest"]), (keys, micro))
   return jax.lax.stop_gradient(stats)
 
 
