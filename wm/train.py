@@ -252,11 +252,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   created = not os.path.exists(workdir)
   lock = workdir_lib.Lock(workdir)
   try:
+    refused = None
     if is_main:
-      os.makedirs(workdir, exist_ok=True)
-      lock.acquire()
-    if not _broadcast_int(int(lock.held) if is_main else 1):
-      raise WorkdirError(f"{workdir} is in use by another run (process 0 could not lock it)")
+      try:
+        os.makedirs(workdir, exist_ok=True)
+        lock.acquire()
+      except (WorkdirError, OSError) as e:
+        refused = e
+    # Every process learns process 0's answer (the others would otherwise wait for it in a collective).
+    if not _broadcast_int(0 if refused is not None else 1):
+      raise refused if refused is not None else WorkdirError(
+          f"{workdir} is in use by another run (process 0 could not lock it)")
     return _run(config, setup, workdir, plan_record, stop_after_step, is_main)
   except BaseException:
     lock.release()
@@ -430,7 +436,10 @@ def check_generate_workdir(config: ml_collections.ConfigDict, workdir: str) -> N
   if not os.path.isdir(workdir):
     raise WorkdirError(f"--workdir {workdir} does not exist; train first: python -m wm train --config ... "
                        f"--workdir {workdir}")
-  candidates, _ = ckpt_lib.scan(ckpt_dir)
+  candidates, bad = ckpt_lib.scan(ckpt_dir)
+  if bad and (not candidates or bad[0][0] > candidates[0][0]):
+    raise WorkdirError(f"the latest checkpoint in {ckpt_dir} (step {bad[0][0]}) is damaged: {bad[0][1]}. Run "
+                       f"`python -m wm train` on this workdir once: it quarantines it and resumes from the previous one.")
   if not candidates:
     raise WorkdirError(f"{workdir} has no usable checkpoint in {ckpt_dir}; train first (or resume) with "
                        f"python -m wm train --config ... --workdir {workdir}")
