@@ -419,17 +419,19 @@ def _check_mesh(ms: ml_collections.ConfigDict) -> None:
     seen.add(rule[0])
 
 
-def _check_text_files(patterns: str) -> None:
-  """Every comma-separated path or glob matches at least one non-empty file (before any dataset build)."""
-  import glob  # pylint: disable=g-import-not-at-top
-  files = []
-  for pattern in (p.strip() for p in patterns.split(",")):
-    if not pattern:
-      continue
-    matches = [f for f in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(f)]
-    _need(bool(matches), "data.text_files", f"{pattern!r} matches no file")
-    files += matches
-  _need(sum(os.path.getsize(f) for f in files) > 0, "data.text_files", f"{patterns!r}: every file is empty")
+def _check_text_files(spec: str) -> None:
+  """data.text_files names at least one non-empty file (checked before any dataset build).
+
+  Resolved by the data pipeline's own `text.user_files`, so validation and
+  the dataset builder agree on what a path, glob or directory means.
+  """
+  from wm.data import text  # pylint: disable=g-import-not-at-top  (numpy only; no JAX)
+  try:
+    root, files = text.user_files(spec)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(str(e) if str(e).startswith("data.text_files") else f"data.text_files: {e}") from None
+  _need(sum(os.path.getsize(os.path.join(root, f)) for f in files) > 0, "data.text_files",
+        f"{spec!r}: every file is empty")
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
