@@ -138,6 +138,10 @@ def run(argv: list[str] | None = None) -> int:
       return 2
     return 0 if e.code is None else e.code
   except Exception as e:  # pylint: disable=broad-except
+    from wm import config as config_lib
+    if isinstance(e, config_lib.ConfigError) and not os.environ.get("WM_TRACEBACK"):
+      print(f"error: {e}", file=sys.stderr)  # the common case, answered without importing JAX
+      return 2
     from wm import train
     if isinstance(e, train.NonFiniteLoss):
       print(f"error: {e}", file=sys.stderr)
