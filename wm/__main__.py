@@ -48,27 +48,41 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
   return args, overrides
 
 
+def _check_args(args: argparse.Namespace) -> str | None:
+  """Problems with the verb's own flags, as one message (None when fine)."""
+  if args.verb in ("train", "generate") and not args.workdir:
+    return f"{args.verb} needs --workdir DIR"
+  if args.verb == "generate":
+    if args.length < 1:
+      return f"--length {args.length}: generate needs a positive number of tokens"
+    if args.num_samples < 1:
+      return f"--num_samples {args.num_samples}: generate needs at least one sample"
+  if args.devices is not None and args.devices < 1:
+    return f"--devices {args.devices}: needs a positive number of devices"
+  if args.budget is not None and args.verb not in ("train", "memory"):
+    return f"--budget applies to train and memory, not {args.verb}"
+  return None
+
+
 def main(argv: list[str]) -> int:
+  """Runs one verb; returns the exit code. Bad input raises one of `user_errors()`."""
   args, overrides = _parse(argv)
+  problem = _check_args(args)
+  if problem:
+    print(f"error: {problem}", file=sys.stderr)
+    return 2
   if args.verb == "memory" and args.devices:
     # Must happen before JAX initialises its backends.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_force_host_platform_device_count={args.devices}").strip()
   from wm import config as config_lib
-  try:
-    config = config_lib.load(args.config)
-    config = config_lib.override(config, overrides)
-    if args.budget:
-      config = config_lib.override(config, {"train.budget": args.budget})
-    config = config_lib.validate(config)
-  except config_lib.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  config = config_lib.load(args.config)
+  config = config_lib.override(config, overrides)
+  if args.budget:
+    config = config_lib.override(config, {"train.budget": args.budget})
+  config = config_lib.validate(config)
 
   if args.verb == "train":
-    if not args.workdir:
-      print("error: train needs --workdir DIR", file=sys.stderr)
-      return 2
     from wm import train
     result = train.train_and_evaluate(config, args.workdir)
     print(json.dumps({"step": result["step"], "eval": result["eval"]}))
@@ -83,22 +97,66 @@ def main(argv: list[str]) -> int:
     from wm.memory import aot
     return aot.main(config, topology=args.topology, as_json=args.json)
   elif args.verb == "generate":
-    from wm import generate
+    from wm import generate, train
+    train.check_generate_workdir(config, args.workdir)  # a missing or foreign workdir is one message
     return generate.main(config, args.workdir, num_samples=args.num_samples, length=args.length,
                          prompt=args.prompt)
   return 0
 
 
-def run() -> None:
+def user_errors() -> tuple[type[BaseException], ...]:
+  """Exceptions that mean bad input (config, flags, files), reported as one line with exit code 2.
+
+  ValueError covers every impossible value found past validation (a mesh
+  that does not fit the parameters, a budget too small to plan for);
+  OSError covers the filesystem (a read-only or full disk, a missing file).
+  Anything else is a bug in wm and keeps its traceback.
+  """
   from wm import config as config_lib
   from wm.data import pipeline
   from wm import train
+  return (config_lib.ConfigError, pipeline.DatasetNotPrepared, train.IncompatibleWorkdir, train.WorkdirError,
+          ValueError, OSError)
+
+
+def run(argv: list[str] | None = None) -> int:
+  """The console entry point: `main` with one clean message (no traceback) for bad input.
+
+  Exit codes: 0 success, 1 the run failed (non-finite loss, budget not met),
+  2 bad input, 130 interrupted. WM_TRACEBACK=1 in the environment shows the
+  traceback of a bad-input error too (for debugging wm itself).
+  """
+  argv = sys.argv[1:] if argv is None else argv
   try:
-    sys.exit(main(sys.argv[1:]))
-  except (config_lib.ConfigError, pipeline.DatasetNotPrepared, train.IncompatibleWorkdir) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    return main(argv)
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    return 130
+  except SystemExit as e:  # argparse (exit code 2 with its usage line) and generate's own checks
+    if isinstance(e.code, str):
+      print(e.code, file=sys.stderr)
+      return 2
+    return 0 if e.code is None else e.code
+  except Exception as e:  # pylint: disable=broad-except
+    from wm import config as config_lib
+    if isinstance(e, config_lib.ConfigError) and not os.environ.get("WM_TRACEBACK"):
+      print(f"error: {e}", file=sys.stderr)  # the common case, answered without importing JAX
+      return 2
+    from wm import train
+    if isinstance(e, train.NonFiniteLoss):
+      print(f"error: {e}", file=sys.stderr)
+      return 1
+    if isinstance(e, user_errors()) and not os.environ.get("WM_TRACEBACK"):
+      print(f"error: {_one_line(e)}", file=sys.stderr)
+      return 2
+    raise
+
+
+def _one_line(e: BaseException) -> str:
+  if isinstance(e, OSError) and e.filename and e.strerror:
+    return f"{e.filename}: {e.strerror}"
+  return str(e) or type(e).__name__
 
 
 if __name__ == "__main__":
-  run()
+  sys.exit(run())
