@@ -105,7 +105,7 @@ class Block(nnx.Module):
     ctx = _tag(ctx, "attn_context")
     x = x + L.dropout(_tag(self.o(ctx), "attn_out"), self.rate, keys[0])
     hidden = _tag(self.up(self.mlp_norm(x)), "mlp_hidden")
-    x = x + L.dropout(self.down(jax.nn.gelu(hidden)), self.rate, keys[1])
+    x = x + L.dropout(self.down(L.gelu(hidden)), self.rate, keys[1])
     return parallel.constrain(x, ("batch", "length", None))
 
   def __call__(self, x: Hidden, positions: Int[Array, "b t"], dropout_key: jax.Array | None = None) -> Hidden:
