@@ -18,6 +18,18 @@ axes (see wm.parallel). Names used in this package:
 
 Activations are constrained with ("batch", "length", None): never "embed",
 which maps to the fsdp mesh axis the batch already occupies.
+
+Why not Flax NNX's own layers (flax 0.12.8, read 2026-11-24): they carry our
+sharding metadata (`kernel_metadata={"out_sharding": ...}`) and the
+parameter names match ("kernel", "bias", "embedding", "scale"), but not our
+precision contract. `nnx.Embed.attend` promotes to the compute dtype and
+returns bfloat16 logits under mixed precision (ours accumulate and return
+float32); `nnx.RMSNorm` casts x to the compute dtype before normalising
+(ours normalises in float32). `nnx.LinearGeneral` fits `Dense` (multi-dim
+in/out shapes, `preferred_element_type`) except that it returns the
+accumulation dtype, and its initialisers draw at the kernel's rank, which
+compiles slower than `normal` below on CPU. The matmuls are the same
+`dot_general` either way, so switching would not change step speed.
 """
 
 from __future__ import annotations
