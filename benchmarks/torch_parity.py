@@ -21,8 +21,9 @@ with AdamW and global-norm clipping on the same random batches:
 `wm` runs its real train step (`wm.step.make_setup / init_state /
 make_train_step`, the function `python -m wm train` runs); PyTorch runs the
 eager loop a new user writes (forward, cross-entropy, backward,
-clip_grad_norm_, AdamW). Both use `--threads` threads (XLA's CPU client gets
-the same count through its intra-op thread pool size). For `wm` it also
+clip_grad_norm_, AdamW). PyTorch uses `--threads` threads (and OpenMP/MKL
+get OMP_NUM_THREADS); XLA's CPU client sizes its pool to the machine's cores,
+so keep `--threads` equal to the core count (2 on our machines). For `wm` it also
 reports the XLA compile time of the train step (from jax.monitoring) and the
 latency of the first call (trace + compile + one step).
 """
@@ -287,7 +288,7 @@ def main() -> None:
       for f in order:
         records.append({"shape": shape, "round": r, "framework": f, **got[f]})
       print(f"  {shape} round {r}: wm {got['wm']['tokens_per_s']:.0f} tok/s, "
-            f"torch {got['torch']['tokens_per_s']:.0f} tok/s", flush=True)
+            f"torch {got['torch']['tokens_per_s']:.0f} tok/s, load average {os.getloadavg()[0]:.1f}", flush=True)
     ratios = [w["tokens_per_s"] / t["tokens_per_s"] for w, t in zip(wm_runs, torch_runs)]
     med = lambda runs, k: statistics.median(x[k] for x in runs)
     rows.append((shape, med(wm_runs, "tokens_per_s"), med(torch_runs, "tokens_per_s"), statistics.median(ratios),
