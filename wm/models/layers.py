@@ -27,7 +27,7 @@ returns bfloat16 logits under mixed precision (ours accumulate and return
 float32); `nnx.RMSNorm` casts x to the compute dtype before normalising
 (ours normalises in float32). `nnx.LinearGeneral` fits `Dense` (multi-dim
 in/out shapes, `preferred_element_type`) except that it returns the
-accumulation dtype, and its initialisers draw at the kernel's rank, which
+accumulation dtype, and its default initialisers draw at the kernel's rank, which
 compiles slower than `normal` below on CPU. The matmuls are the same
 `dot_general` either way, so switching would not change step speed.
 """
