@@ -55,21 +55,26 @@ def attention(q: Float[Array, "b t h e"], k: Float[Array, "b s k e"], v: Float[A
 
   Query head n uses key/value head n // (h / k) (Ainslie et al. 2023). Query
   i sees key j iff k_pos[j] <= q_pos[i] and (window == 0 or
-  q_pos[i] - k_pos[j] < window) and k_valid[j].
+  q_pos[i] - k_pos[j] < window) and k_valid[j]. Positions are [b, t] / [b, s],
+  or [t] / [s] when every sequence of the batch shares them.
   """
   b, t, h, e = q.shape
   kv = k.shape[2]
   qg = q.reshape(b, t, kv, h // kv, e)
   scores = jnp.einsum("btkge,bske->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(e)
-  diff = q_pos[:, :, None] - k_pos[:, None, :]  # [b, t, s]
+  # Positions shared by the whole batch ([t], the training path) give a [t, s]
+  # mask that XLA builds from iotas inside the softmax fusion; per-sequence
+  # positions ([b, t]) give a [b, t, s] mask that the backward pass must keep
+  # for every layer (docs/performance.md).
+  diff = q_pos[..., :, None] - k_pos[..., None, :]  # [b, t, s] or [t, s]
   mask = diff >= 0
   if window:
     mask &= diff < window
   if k_valid is not None:
-    mask &= k_valid[:, None, :]
+    mask &= k_valid[..., None, :]
   # A finite floor rather than -inf: a fully masked row (never produced by our
   # callers, but cheap to guard) gives a uniform softmax instead of NaN.
-  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  scores = jnp.where(mask[..., None, None, :, :], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   ctx = jnp.einsum("bkgts,bske->btkge", probs, v, preferred_element_type=jnp.float32)
   return ctx.reshape(b, t, h, e).astype(v.dtype)
@@ -105,10 +110,10 @@ class Block(nnx.Module):
     ctx = _tag(ctx, "attn_context")
     x = x + L.dropout(_tag(self.o(ctx), "attn_out"), self.rate, keys[0])
     hidden = _tag(self.up(self.mlp_norm(x)), "mlp_hidden")
-    x = x + L.dropout(self.down(jax.nn.gelu(hidden)), self.rate, keys[1])
+    x = x + L.dropout(self.down(L.gelu(hidden)), self.rate, keys[1])
     return parallel.constrain(x, ("batch", "length", None))
 
-  def __call__(self, x: Hidden, positions: Int[Array, "b t"], dropout_key: jax.Array | None = None) -> Hidden:
+  def __call__(self, x: Hidden, positions: Int[Array, "b t"] | Int[Array, "t"], dropout_key: jax.Array | None = None) -> Hidden:
     q, k, v = self._qkv(x, positions)
     ctx = attention(q, k, v, positions, positions, window=self.window)
     keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
@@ -160,14 +165,14 @@ class TransformerStack(nnx.Module):
 
     Args:
       x: embeddings [b, t, d] (any conditioning already added).
-      positions: absolute positions [b, t] or [t]; 0..t-1 by default.
+      positions: absolute positions [b, t] or [t] (shared by the batch); 0..t-1 by default.
       dropout_key: enables dropout on the residual branches when the rate is > 0.
       use_scan: False applies the same parameters in a Python loop (the
         reference the scan is tested against; compiles L copies).
     """
-    b, t = x.shape[:2]
-    positions = jnp.arange(t, dtype=jnp.int32) if positions is None else positions
-    positions = jnp.broadcast_to(positions, (b, t))
+    # Default positions stay [t] (shared by the batch): rotary tables and the
+    # causal mask are then built once per length instead of once per sequence.
+    positions = jnp.arange(x.shape[1], dtype=jnp.int32) if positions is None else positions
     keys = self._layer_keys(dropout_key)
     x = parallel.constrain(x.astype(self.dtype), ("batch", "length", None))
 
