@@ -97,6 +97,7 @@ def _table(record: dict[str, Any]) -> str:
     if value is not None:
       rows.append((name.replace("_size_in_bytes", "").replace("_in_bytes", ""), format_bytes(value)))
   rows.append(("total (arg+out-alias+temp)", format_bytes(record["total_bytes"])))
+  rows.append((f"bound ({record['bound_field']})", format_bytes(record["bound_bytes"])))
   rows.append(("estimate (wm.memory.estimate)", format_bytes(record["estimate"]["total"])))
   if record.get("flops") is not None:
     rows.append(("flops per device per step", f"{record['flops']:.4g}"))

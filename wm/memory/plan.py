@@ -123,12 +123,14 @@ class Plan:
   @property
   def margin(self) -> int:
     """Budget minus the compiled total (minus the estimate when not compiled)."""
-    used = self.compiled["total_bytes"] if self.compiled else self.chosen.estimate.total
+    used = self.compiled["bound_bytes"] if self.compiled else self.chosen.estimate.total
     return self.budget - used
 
   def record(self) -> dict[str, Any]:
     return {"budget_bytes": self.budget, "chosen": self.chosen.record(),
             "compiled_total_bytes": self.compiled["total_bytes"] if self.compiled else None,
+            "compiled_bound_bytes": self.compiled["bound_bytes"] if self.compiled else None,
+            "compiled_bound_field": self.compiled["bound_field"] if self.compiled else None,
             "compiled": self.compiled, "confirmed": self.compiled is not None, "confirm_note": self.confirm_note,
             "margin_bytes": self.margin, "considered": self.considered, "fitting": self.fitting,
             "rejected_by_compile": self.rejected, "runners_up": [c.record() for c in self.runners_up]}
@@ -329,17 +331,18 @@ def plan(config: ml_collections.ConfigDict, budget_bytes: int, num_devices: int 
     new = with_choice(config, candidate)
     mesh = parallel.make_mesh(new.mesh, jax.devices()[:n])
     compiled = measure.compiled(new, mesh)
-    if compiled["total_bytes"] <= budget_bytes:
+    if compiled["bound_bytes"] <= budget_bytes:
       rest = [c for c in fitting if c is not candidate][:5]
       return Plan(budget_bytes, candidate, new, compiled, f"compiled on {compiled['backend']}", rest,
                   len(every), len(fitting), rejected)
-    rejected.append({**candidate.record(), "compiled_total_bytes": compiled["total_bytes"]})
-  best = min(rejected, key=lambda r: r["compiled_total_bytes"])
+    rejected.append({**candidate.record(), "compiled_total_bytes": compiled["total_bytes"],
+                     "compiled_bound_bytes": compiled["bound_bytes"]})
+  best = min(rejected, key=lambda r: r["compiled_bound_bytes"])
   raise BudgetTooSmall(
       f"budget {format_bytes(budget_bytes)}: {len(fitting)} candidates fit by estimate, but the compiler puts the "
-      f"{len(rejected)} cheapest above it (smallest compiled: {format_bytes(best['compiled_total_bytes'])}). "
-      f"A budget of at least {format_bytes(best['compiled_total_bytes'])} would fit.",
-      budget=budget_bytes, smallest=best["compiled_total_bytes"], dominant=max(best["terms"], key=best["terms"].get))
+      f"{len(rejected)} cheapest above it (smallest compiled: {format_bytes(best['compiled_bound_bytes'])}). "
+      f"A budget of at least {format_bytes(best['compiled_bound_bytes'])} would fit.",
+      budget=budget_bytes, smallest=best["compiled_bound_bytes"], dominant=max(best["terms"], key=best["terms"].get))
 
 
 def apply(config: ml_collections.ConfigDict, budget_bytes: int) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:

@@ -57,7 +57,7 @@ def collect(config: ml_collections.ConfigDict, budget: str | int | None = None) 
       "config": _summary(config),
       "estimate": est.as_dict(),
       "compiled": compiled,
-      "relative_error": (est.total - compiled["total_bytes"]) / compiled["total_bytes"],
+      "relative_error": (est.total - compiled["bound_bytes"]) / compiled["bound_bytes"],
       "device_peak_bytes": peak,
       "device_peak_note": note,
       "plan": planned,
@@ -91,7 +91,9 @@ def table(data: dict[str, Any]) -> str:
       _row("temp", temp_est, comp["temp_size_in_bytes"], "grads + activations + transient"),
       _row("output - alias", None, comp["output_size_in_bytes"] - comp["alias_size_in_bytes"],
            "metrics (state is donated)"),
-      _row("total", est["total"], comp["total_bytes"], f"estimate {100 * data['relative_error']:+.1f}%"),
+      _row("total (arg + out - alias + temp)", None, comp["total_bytes"]),
+      _row(f"bound ({comp['bound_field']})", est["total"], comp["bound_bytes"],
+           f"estimate {100 * data['relative_error']:+.1f}%"),
       "",
       "  compiler fields: " + ", ".join(f"{k.replace('_in_bytes', '')}={v}" for k, v in comp.items()
                                          if k.endswith("_in_bytes") and v is not None),
@@ -102,7 +104,7 @@ def table(data: dict[str, Any]) -> str:
   p = data.get("plan")
   if p:
     ch = p["chosen"]
-    compiled_total = p["compiled_total_bytes"]
+    compiled_total = p["compiled_bound_bytes"]
     lines += ["", f"plan for a budget of {format_bytes(p['budget_bytes'])} per device "
                   f"({p['fitting']} of {p['considered']} candidates fit by estimate):",
               f"  chosen: remat {ch['remat_policy']}, microbatches {ch['microbatches']}, time_chunk {ch['time_chunk']}, "
@@ -112,7 +114,7 @@ def table(data: dict[str, Any]) -> str:
               + f", margin {format_bytes(p['margin_bytes'])}"]
     for r in p["rejected_by_compile"]:
       lines.append(f"  rejected by the compiler: remat {r['remat_policy']}, microbatches {r['microbatches']} "
-                   f"({format_bytes(r['compiled_total_bytes'])})")
+                   f"({format_bytes(r['compiled_bound_bytes'])})")
     if p["runners_up"]:
       lines.append("  runners-up (by cost):")
       lines.append(f"    {'remat':<20} {'micro':>5} {'chunk':>5} {'data':>4} {'fsdp':>4} {'estimate':>12} {'cost':>10}")
