@@ -73,6 +73,52 @@ def topology_mesh(config: ml_collections.ConfigDict, topology: str):
   return topologies.make_mesh(desc, tuple(sizes[a] for a in parallel.AXES), parallel.AXES)
 
 
+def target_mesh(config: ml_collections.ConfigDict, target: str | None = None):
+  """(mesh, backend) to compile `config` for: this host's devices, or a described accelerator.
+
+  Args:
+    config: its mesh section sets the axes; `mesh.num_devices` (0 = all) picks
+      how many of the target's devices the mesh spans.
+    target: None or "cpu" (this host's devices), a TPU topology ("v5e:2x2",
+      "v6e:4x4", ...; needs libtpu), or "gpu"/"h100:N" (needs a GPU compiler:
+      a CUDA jaxlib plugin and a GPU target description; not available on a
+      CPU-only install, which is said, not guessed).
+  """
+  from jax.sharding import Mesh
+  import numpy as np
+  from wm import parallel
+  if target in (None, "", "cpu", "local"):
+    return parallel.make_mesh(config.mesh), jax_backend()
+  generation = target.split(":", 1)[0].lower()
+  if generation in ("gpu", "h100", "a100", "h200", "b200"):
+    raise ConfigError(f"--target {target!r}: compiling for a GPU from this host needs the CUDA compiler plugin "
+                      f"(jax-cuda12-plugin) and a GPU target description, which this installation does not have "
+                      f"(see docs/memory.md, 'GPU targets'); run on a GPU host with --target local instead")
+  if not libtpu_available():
+    raise ConfigError(f"--target {target!r} needs the TPU compiler (libtpu): {INSTALL_HINT}")
+  from jax.experimental import topologies
+  _quiet_libtpu(target)
+  try:
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=target)
+  except Exception as e:  # libtpu raises JaxRuntimeError / ValueError with its own wording
+    raise ConfigError(f"libtpu could not describe --target {target!r}: {e}\n"
+                      f"Topologies look like v5e:2x2, v5e:4x4, v6e:2x2, v5p:2x2x1, v4:2x2x1") from e
+  devices = list(desc.devices)
+  n = config.mesh.num_devices or len(devices)
+  if n > len(devices):
+    raise ConfigError(f"config.mesh.num_devices={n} but topology {target} has {len(devices)} chips")
+  sizes = parallel.mesh_shape(config.mesh, n)
+  shape = tuple(sizes[a] for a in parallel.AXES)
+  if n == len(devices):
+    return topologies.make_mesh(desc, shape, parallel.AXES), "tpu"
+  return Mesh(np.asarray(devices[:n]).reshape(shape), parallel.AXES), "tpu"
+
+
+def jax_backend() -> str:
+  import jax
+  return jax.default_backend()
+
+
 def compile_for_topology(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
   """Compiled per-device memory and FLOPs of the train step on a TPU topology.
 
