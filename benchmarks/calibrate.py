@@ -112,14 +112,24 @@ def fitting_set(count: int, seed: int = 0) -> list[dict]:
       o["data.seq_len"] = min(o["data.seq_len"], 128)
       o["model.layers"] = min(o["model.layers"], 2)
     key = json.dumps(o, sort_keys=True)
-    try:
-      make_config(o)
-    except config_lib.ConfigError:
+    if not valid(o):
       continue
     if key not in seen:
       seen.add(key)
       out.append(o)
   return out
+
+
+def valid(overrides: dict) -> bool:
+  """The config validates and its parameter shards divide over its mesh."""
+  from wm.memory import estimate as estimate_lib
+  try:
+    config = make_config(overrides)
+  except config_lib.ConfigError:
+    return False
+  n = overrides["mesh.num_devices"]
+  sizes = {"data": overrides["mesh.data"], "fsdp": overrides["mesh.fsdp"], "tensor": 1}
+  return n == 1 or estimate_lib.fits_mesh(config, sizes)
 
 
 def assert_disjoint(held_out: list[dict]) -> None:

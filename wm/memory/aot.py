@@ -114,6 +114,23 @@ def target_mesh(config: ml_collections.ConfigDict, target: str | None = None):
   return Mesh(np.asarray(devices[:n]).reshape(shape), parallel.AXES), "tpu"
 
 
+def target_backend(target: str | None) -> tuple[str, int | None]:
+  """(backend name, device count) of a target string, without starting its compiler.
+
+  None/"cpu"/"local" is this host's backend (device count: None, the caller
+  decides); "v5e:4x4" is ("tpu", 16); "h100:8" is ("gpu", 8).
+  """
+  if target in (None, "", "cpu", "local"):
+    return jax_backend(), None
+  generation, _, dims = target.partition(":")
+  count = 1
+  for n in re.findall(r"\d+", dims):
+    count *= int(n)
+  if generation.lower() in ("gpu", "h100", "a100", "h200", "b200"):
+    return "gpu", count
+  return "tpu", count
+
+
 def jax_backend() -> str:
   import jax
   return jax.default_backend()

@@ -1,12 +1,15 @@
 """`python -m wm memory`: the estimate beside the compiler's figure, and a plan for a budget.
 
     python -m wm memory --config configs/text_transformer.py [--budget 2GiB] [--devices N] [--json]
+    python -m wm memory --config configs/text_transformer.py --budget 16GiB --target v5e:4x4   (needs libtpu)
 
 Prints, per device, each term of the analytic estimate (wm.memory.estimate)
 beside the compiled step's memory_analysis() (wm.memory.measure), and with
 --budget the planner's choice (wm.memory.plan), its margin and the runners-up.
 --json prints one object with the schema documented in docs/memory.md
-(`"schema": "wm.memory/1"`).
+(`"schema": "wm.memory/1"`). With a target (`collect(..., target="v5e:4x4")`)
+the estimate uses that backend's calibration table and the compiles are the
+target compiler's (wm.memory.aot.target_mesh).
 """
 
 from __future__ import annotations
@@ -44,13 +47,29 @@ def _device_peak() -> tuple[int | None, str]:
   return peak, "memory_stats()['peak_bytes_in_use'] of the first local device (this process so far)"
 
 
-def collect(config: ml_collections.ConfigDict, budget: str | int | None = None) -> dict[str, Any]:
-  """Everything `main` prints, as the documented JSON object (raises BudgetTooSmall)."""
-  est = estimate_lib.estimate(config)
+def collect(config: ml_collections.ConfigDict, budget: str | int | None = None, *,
+            target: str | None = None) -> dict[str, Any]:
+  """Everything `main` prints, as the documented JSON object (raises BudgetTooSmall).
+
+  Args:
+    config: a validated config.
+    budget: per-device budget ("16GiB" or bytes) to plan for, or None.
+    target: None (this host) or a compile target such as "v5e:4x4": the
+      estimate uses that backend's calibration, the plan is confirmed and the
+      config compiled by that compiler, over its chips.
+  """
+  from wm.memory import aot
+  backend, target_devices = aot.target_backend(target)
+  if target is not None and target_devices:
+    config = config_lib.override(config, {"mesh.num_devices": target_devices})
+  est = estimate_lib.estimate(config, backend=backend)
   planned = None
   if budget is not None:  # first: an impossible budget fails before anything compiles
-    planned = plan_lib.plan(config, config_lib.parse_bytes(budget), est.num_devices).record()
-  compiled = measure.compiled(config)
+    planned = plan_lib.plan(config, config_lib.parse_bytes(budget), est.num_devices, target=target).record()
+  mesh = aot.target_mesh(config, target)[0] if target is not None else None
+  compiled = measure.compiled(config, mesh)
+  if target is not None:
+    compiled["target"] = target
   peak, note = _device_peak()
   out: dict[str, Any] = {
       "schema": SCHEMA,
@@ -124,10 +143,14 @@ def table(data: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def main(config: ml_collections.ConfigDict, budget: str | None = None, as_json: bool = False) -> int:
-  """`python -m wm memory`; returns an exit code (1 when the budget cannot be met)."""
+def main(config: ml_collections.ConfigDict, budget: str | None = None, as_json: bool = False, *,
+         target: str | None = None) -> int:
+  """`python -m wm memory`; returns an exit code (1 when the budget cannot be met, 2 on a bad target)."""
   try:
-    data = collect(config, budget)
+    data = collect(config, budget, target=target)
+  except config_lib.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   except plan_lib.BudgetTooSmall as e:
     if as_json:
       print(json.dumps({"schema": SCHEMA, "error": "budget_too_small", "message": str(e),
