@@ -115,7 +115,11 @@ def compiled(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> dic
   """
   start = time.perf_counter()
   exe, setup = compiled_step(config, mesh)
-  seconds = time.perf_counter() - start
+  return record(exe, setup, time.perf_counter() - start)
+
+
+def record(exe, setup, seconds: float) -> dict[str, Any]:
+  """`compiled`'s dict for an executable already compiled by `compiled_step`."""
   device = setup.mesh.devices.flat[0]
   return {
       **memory_fields(exe, device.platform),
