@@ -28,6 +28,10 @@ Units (per device, per layer):
     vrnn_chunk_grads      parameter-sized buffers of a chunked VRNN's outer
                           time scan in its backward pass.
     update_buffers        gradient-sized buffers alive in the optimizer update.
+    saved_scale[dtype]    the compiler's saved activations over the derived
+                          count, by compute dtype (1 where the compiler keeps
+                          what the model code saves; XLA CPU has no bfloat16
+                          arithmetic and widens part of the residuals).
     planning_margin       share of the budget the planner keeps free, set from
                           the worst under-estimate seen on this backend's
                           held-out matrix (benchmarks/estimate_accuracy.py).
@@ -55,6 +59,8 @@ class Table:
   vrnn_chunk_grads: float
   update_buffers: float
   planning_margin: float
+  saved_scale: Mapping[str, float] = dataclasses.field(
+      default_factory=lambda: {"float32": 1.0, "bfloat16": 1.0})
 
   def replace(self, **changes) -> "Table":
     return dataclasses.replace(self, **changes)
@@ -119,7 +125,9 @@ def _flatten(t: Table) -> tuple[list[float], Callable[[list[float]], Table]]:
   """The table's coefficients as one vector, and the inverse."""
   layer_keys, alt_keys, lstm_keys = sorted(t.layer_transient), sorted(t.layer_transient_alt), sorted(t.lstm_transient)
   x = ([c for k in layer_keys for c in t.layer_transient[k]] + [c for k in alt_keys for c in t.layer_transient_alt[k]]
-       + [t.head_stream] + [c for k in lstm_keys for c in t.lstm_transient[k]] + [t.vrnn_chunk_grads, t.update_buffers])
+       + [t.head_stream] + [c for k in lstm_keys for c in t.lstm_transient[k]] + [t.vrnn_chunk_grads, t.update_buffers]
+       + [t.saved_scale[k] for k in sorted(t.saved_scale)])
+  scale_keys = sorted(t.saved_scale)
 
   def unflatten(x) -> Table:
     x = [float(v) for v in x]
@@ -134,14 +142,15 @@ def _flatten(t: Table) -> tuple[list[float], Callable[[list[float]], Table]]:
     lstm = {}
     for k in lstm_keys:
       lstm[k] = tuple(x[i:i + LSTM_UNITS]); i += LSTM_UNITS
+    scales = {k: x[i + 2 + j] for j, k in enumerate(scale_keys)}
     return t.replace(layer_transient=layer, layer_transient_alt=alt, head_stream=head, lstm_transient=lstm,
-                     vrnn_chunk_grads=x[i], update_buffers=x[i + 1])
+                     vrnn_chunk_grads=x[i], update_buffers=x[i + 1], saved_scale=scales)
 
   return x, unflatten
 
 
 def fit(records: list[dict[str, Any]], backend: str, make_config: Callable[[dict], Any], *,
-        under_weight: float = 4.0, max_evals: int = 60) -> tuple[Table, str]:
+        under_weight: float = 4.0, max_evals: int = 20) -> tuple[Table, str]:
   """Refits `backend`'s table to compiled records; returns (table, a text report).
 
   Minimises the relative error of the estimated total against each record's
@@ -211,7 +220,8 @@ def render(t: Table) -> str:
   lines += ["    },", f"    head_stream={t.head_stream:.3f},", "    lstm_transient={"]
   lines += [f"        {k!r}: {tup(v)}," for k, v in sorted(t.lstm_transient.items())]
   lines += ["    },", f"    vrnn_chunk_grads={t.vrnn_chunk_grads:.3f},", f"    update_buffers={t.update_buffers:.3f},",
-            f"    planning_margin={t.planning_margin:.3f},", ")"]
+            f"    planning_margin={t.planning_margin:.3f},",
+            "    saved_scale={" + ", ".join(f"{k!r}: {v:.3f}" for k, v in sorted(t.saved_scale.items())) + "},", ")"]
   return "\n".join(lines)
 
 

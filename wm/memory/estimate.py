@@ -72,6 +72,9 @@ class Estimate:
     num_devices, mesh: the device count and mesh axis sizes assumed.
     detail: the quantities the terms were computed from (parameter count,
       per-layer saved bytes, ...), for tables and tests.
+    host: saved activations an `offload:<tags>` policy keeps in host memory
+      on TPU/GPU, all layers (compare the compiler's host_temp_size_in_bytes);
+      device bytes and host bytes are separate budgets, so it is not in total.
   """
   params: int
   grads: int
@@ -84,6 +87,7 @@ class Estimate:
   num_devices: int
   mesh: dict[str, int]
   detail: dict[str, Any]
+  host: int = 0  # bytes offloaded to host memory (offload:<tags> on TPU/GPU), not part of `total`
 
   def as_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -302,7 +306,14 @@ def _transformer_layer(config: ml_collections.ConfigDict, dims: _Dims, policy: s
   keys_per_row = {"xla": t, "chunked": min(m.get("attention_block", 512), t)}.get(impl, 0)
   scores_saved = 2 * h * t * _F32 + 2 * h * _F32 if impl == "xla" else h * _F32  # softmax, or its log-sum-exp
   base, names = _policy_names(policy)
+  names &= {"qkv", "attn_context", "attn_out", "mlp_hidden"}  # an LSTM half's tags save nothing here
+  if base in ("save", "offload") and not names:
+    base = "full"
+  tag_sizes = {"qkv": qkv, "attn_context": h * e, "attn_out": d, "mlp_hidden": f}
+  host = 0.0
   if base == "offload" and backend not in ("cpu",):
+    # The tagged tensors go to host memory (TPU/GPU memory kind pinned_host): counted apart from the device.
+    host = tokens * sum(tag_sizes[n] for n in names) * c
     base, names = "full", set()
   elif base == "offload":
     base = "save"
@@ -316,8 +327,7 @@ def _transformer_layer(config: ml_collections.ConfigDict, dims: _Dims, policy: s
   elif base == "dots_no_batch":
     per_token = x + (qkv + d + f) * _F32
   else:  # save
-    sizes = {"qkv": qkv, "attn_context": h * e, "attn_out": d, "mlp_hidden": f}
-    per_token = x + sum(sizes[n] for n in names) * c
+    per_token = x + sum(tag_sizes[n] for n in names) * c
   saved = tokens * per_token
 
   # One layer's backward working set: calibrated (wm.memory.calibration).
@@ -330,7 +340,8 @@ def _transformer_layer(config: ml_collections.ConfigDict, dims: _Dims, policy: s
   fits = ([cal.layer_transient[k] for k in keys]
           + [cal.layer_transient_alt[k] for k in keys if k in cal.layer_transient_alt])
   transient = max(sum(c * u for c, u in zip(coef, units)) for coef in fits)
-  return saved, transient, {"saved_per_layer": int(saved), "saved_per_token_per_layer": per_token}
+  return saved, transient, {"saved_per_layer": int(saved), "saved_per_token_per_layer": per_token,
+                            "host_per_layer": int(host)}
 
 
 def _head_transient(dims: _Dims, cal: calibration.Table, heads: int = 1) -> float:
@@ -377,6 +388,14 @@ def _lstm_layer(config: ml_collections.ConfigDict, dims: _Dims, policy: str,
   tokens = b * t
   k = remat_lib.resolve_time_chunk(time_chunk, t)
   base, names = _policy_names(policy)
+  names &= {"gates", "h", "c"}  # another stack's tags (a latent model's Transformer half) save nothing here
+  if base in ("save", "offload") and not names:
+    base = "full"
+  if base == "dots_no_batch":  # x W_x and h W_h have no batch dimensions in their dot_general: same as dots
+    base = "dots"
+  host = 0.0
+  if base == "offload" and backend != "cpu":  # tagged tensors kept in host memory
+    host = tokens * sum({"gates": 4.0, "h": 1.0, "c": 1.0}[n] for n in names) * d / tp * _F32
   if base == "offload":
     base = "save" if backend == "cpu" else "full"
   if base == "none" and k:
@@ -401,7 +420,7 @@ def _lstm_layer(config: ml_collections.ConfigDict, dims: _Dims, policy: str,
     transient = coef[0] * tokens * d * _F32 + coef[1] * layer_params
   if k:
     transient += 12 * b * k * d / tp * _F32  # one chunk's recomputed residuals
-  return saved, transient, {"saved_per_layer": int(saved), "time_chunk": k}
+  return saved, transient, {"saved_per_layer": int(saved), "time_chunk": k, "host_per_layer": int(host)}
 
 
 def _stack_acts(config: ml_collections.ConfigDict, kind: str, dims: _Dims, levers: Levers,
@@ -532,6 +551,8 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   batch_ways = math.prod(sizes.get(a, 1) for a in _axes(rules.get("batch")))
   layer_param_bytes = stack_bytes / max(config.model.layers, 1)
   acts = _activations(config, dims, levers, layer_param_bytes, params, backend, cal)
+  # The compiler may keep more than the model code saves (calibration.Table.saved_scale).
+  acts = dataclasses.replace(acts, saved=acts.saved * cal.saved_scale.get(config.precision.compute_dtype, 1.0))
   # inputs and targets int32, weights f32, this device's rows.
   inputs = config.data.batch_size / batch_ways * config.data.seq_len * 12
 
@@ -554,5 +575,6 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
                 per_device_batch=dims.b, microbatches=levers.microbatches, remat_policy=levers.policy,
                 time_chunk=levers.time_chunk, backend=backend,
                 attention=config.model.get("attention", "xla"), calibration=cal.fitted_on)
+  host = acts.detail.get("host_per_layer", 0) * config.model.layers
   return Estimate(**terms, total=sum(terms.values()), phase=phase, num_devices=math.prod(sizes.values()),
-                  mesh=dict(sizes), detail=detail)
+                  mesh=dict(sizes), detail=detail, host=int(host))

@@ -247,6 +247,9 @@ def table(data: dict[str, Any]) -> str:
       _row(f"bound ({comp['bound_field']})", est["total"], comp["bound_bytes"],
            f"estimate {100 * data['relative_error']:+.1f}%"),
       "",
+      _row("host (offloaded)", est.get("host", 0), comp.get("host_temp_size_in_bytes"),
+           "offload:<tags> on TPU/GPU; not in the device total"),
+      "",
       "  compiler fields: " + ", ".join(f"{k.replace('_in_bytes', '')}={v}" for k, v in comp.items()
                                          if k.endswith("_in_bytes") and v is not None),
       f"  flops per device per step: {comp['flops']:.4g}" if comp.get("flops") else "  flops: not reported",
