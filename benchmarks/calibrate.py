@@ -204,7 +204,7 @@ def main() -> None:
                       help="add tests/test_memory.py's matrix to the fitting set (cpu)")
   args = parser.parse_args()
   targets = args.targets or {"cpu": ["cpu"], "tpu": ["v5e:2x2", "v6e:2x2"], "gpu": ["h100:4"]}[args.backend]
-  count = args.count or {"cpu": 160, "tpu": 90, "gpu": 90}[args.backend]
+  count = args.count if args.count is not None else {"cpu": 160, "tpu": 90, "gpu": 90}[args.backend]
   path = RESULTS / f"{args.backend}.jsonl"
   if args.refit_only:
     records = [json.loads(line) for line in path.read_text().splitlines()]

@@ -88,3 +88,25 @@ def test_gpu_target_without_a_gpu_compiler_is_a_clear_error(capsys):
   from wm.memory import report
   assert report.main(tiny_config(), budget="64MiB", target="h100:8") == 2
   assert "GPU" in capsys.readouterr().err
+
+
+@needs_libtpu
+def test_splash_attention_compiles_for_tpu():
+  """The Pallas splash kernel (model.attention=splash) lowers and compiles for a v5e chip, forward and backward."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.experimental import topologies
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  from wm.models import attention as attention_lib
+  aot._quiet_libtpu("v5e:2x2")
+  desc = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2")
+  sharding = NamedSharding(Mesh(np.array(desc.devices[:1]), ("x",)), PartitionSpec())
+  shapes = ((2, 256, 4, 128), (2, 256, 2, 128), (2, 256, 2, 128))  # grouped-query: 4 query heads, 2 kv heads
+  args = [jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=sharding) for s in shapes]
+
+  def loss(q, k, v):
+    return jnp.sum(attention_lib.splash(q, k, v, window=64, block=128).astype(jnp.float32) ** 2)
+
+  exe = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
+  assert exe.as_text().count("tpu_custom_call") >= 2  # the forward kernel and its backward kernels
