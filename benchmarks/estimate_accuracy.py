@@ -91,10 +91,15 @@ def main() -> None:
   parser.add_argument("--targets", nargs="+", default=None)
   parser.add_argument("--count", type=int, default=40)
   parser.add_argument("--out", default="")
+  parser.add_argument("--no-compile", action="store_true",
+                      help="report on the records already saved, compile nothing (e.g. after a refit)")
   args = parser.parse_args()
   targets = args.targets or {"cpu": ["cpu"], "tpu": ["v5e:2x4"], "gpu": ["h100:8"]}[args.backend]
   path = calibrate.RESULTS / f"{args.backend}_heldout.jsonl"
-  records = calibrate.run(path, held_out(args.count), targets)
+  if args.no_compile:
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+  else:
+    records = calibrate.run(path, held_out(args.count), targets)
   rows = errors(records, args.backend)
   worst = sorted(rows, key=lambda x: x[1])[:3]
   text = (f"{args.backend} ({', '.join(targets)}), estimate with the '{args.backend}' table, against bound_bytes:\n\n"
