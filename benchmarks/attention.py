@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import platform
+import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this checkout's wm, not an installed one
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -27,7 +30,7 @@ from flax import nnx  # noqa: E402
 from wm import config as config_lib  # noqa: E402
 from wm import models  # noqa: E402
 from wm.config import format_bytes  # noqa: E402
-from wm.memory import estimate as estimate_lib, measure  # noqa: E402
+from wm.memory import measure  # noqa: E402
 
 
 def make_config(length: int, attention: str, block: int):
@@ -60,18 +63,17 @@ def main() -> None:
   args = parser.parse_args()
   lines = [f"Machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()}); "
            f"2 layers, d=128, 4 heads, batch 1, f32, AdamW, remat none.", "",
-           "| T | attention | compiled temp | bound | estimate | temp / xla | loss |",
-           "|---:|---|---:|---:|---:|---:|---:|"]
+           "| T | attention | compiled temp | bound | temp / xla | loss |",
+           "|---:|---|---:|---:|---:|---:|"]
   for t in args.lengths:
     temps = {}
     for impl in ("xla", "chunked"):
       config = make_config(t, impl, args.block)
       comp = measure.compiled(config)
-      est = estimate_lib.estimate(config)
       temps[impl] = comp["temp_size_in_bytes"]
       label = impl if impl == "xla" else f"chunked (block {args.block})"
       lines.append(f"| {t} | {label} | {format_bytes(comp['temp_size_in_bytes'])} | {format_bytes(comp['bound_bytes'])} "
-                   f"| {format_bytes(est.total)} | {temps[impl] / temps['xla']:.3f} | {loss_of(config):.6f} |")
+                   f"| {temps[impl] / temps['xla']:.3f} | {loss_of(config):.6f} |")
       print(lines[-1], flush=True)
   text = "\n".join(lines)
   print("\n" + text)
