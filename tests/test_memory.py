@@ -261,3 +261,13 @@ def test_report_json_schema(capsys):
   assert report.main(tiny(), budget="1KiB", as_json=True) == 1
   err = json.loads(capsys.readouterr().out)
   assert err["error"] == "budget_too_small" and err["smallest_budget_bytes"] > 1024
+
+
+def test_planner_turns_to_chunked_attention_when_scores_do_not_fit():
+  """At long T the [b, h, t, t] scores dominate: below every xla candidate's estimate the plan is chunked."""
+  config = tiny(length=1024, batch=2)
+  generous = plan_lib.plan(config, 2**40, num_devices=1, confirm=False)
+  assert generous.chosen.attention == "xla"  # same outputs, no recomputed scores: cheaper when it fits
+  smallest_xla = min(c.estimate.total for c in plan_lib.candidates(config, 1) if c.attention == "xla")
+  tight = plan_lib.plan(config, int(0.9 * smallest_xla), num_devices=1, confirm=False)
+  assert tight.chosen.attention == "chunked" and tight.config.model.attention == "chunked"

@@ -208,6 +208,8 @@ class Levers:
   microbatches: int
   time_chunk: int
   mesh: tuple[tuple[str, int], ...] | None = None  # axis sizes; None = from config.mesh
+  attention: str | None = None  # model.attention; None = the config's
+  attention_block: int | None = None  # model.attention_block; None = the config's
 
   @classmethod
   def of(cls, config: ml_collections.ConfigDict) -> "Levers":
@@ -231,9 +233,12 @@ class _Dims:
   vocab: int  # vocabulary entries per device (logits are split over "vocab")
   tensor: int  # ways of the tensor axis
   c: int  # compute dtype bytes
+  attention: str = "xla"  # model.attention
+  block: int = 512  # model.attention_block
 
 
-def _dims(config: ml_collections.ConfigDict, sizes: dict[str, int], microbatches: int) -> _Dims:
+def _dims(config: ml_collections.ConfigDict, sizes: dict[str, int], microbatches: int,
+          levers: Levers | None = None) -> _Dims:
   rules = dict(parallel.rules(config))
   batch_ways = math.prod(sizes.get(a, 1) for a in _axes(rules.get("batch")))
   b = max(config.data.batch_size // (microbatches * batch_ways), 1)
@@ -241,7 +246,9 @@ def _dims(config: ml_collections.ConfigDict, sizes: dict[str, int], microbatches
   vocab = math.ceil(config.data.vocab_size / vocab_ways)
   tensor = math.prod(sizes.get(a, 1) for a in _axes(rules.get("mlp")))
   c = jnp.dtype(config.precision.compute_dtype).itemsize
-  return _Dims(b, config.data.seq_len, config.model.d, vocab, tensor, c)
+  attention = (levers and levers.attention) or config.model.get("attention", "xla")
+  block = (levers and levers.attention_block) or config.model.get("attention_block", 512)
+  return _Dims(b, config.data.seq_len, config.model.d, vocab, tensor, c, attention, block)
 
 
 def _policy_names(policy: str) -> tuple[str, set[str]]:
@@ -302,8 +309,8 @@ def _transformer_layer(config: ml_collections.ConfigDict, dims: _Dims, policy: s
   f = m.mlp_ratio * d / tp
   tokens = b * t
   qkv = (h * e + 2 * kv * e)  # q, k and v after rotary
-  impl = m.get("attention", "xla")
-  keys_per_row = {"xla": t, "chunked": min(m.get("attention_block", 512), t)}.get(impl, 0)
+  impl = dims.attention
+  keys_per_row = {"xla": t, "chunked": min(dims.block, t)}.get(impl, 0)
   scores_saved = 2 * h * t * _F32 + 2 * h * _F32 if impl == "xla" else h * _F32  # softmax, or its log-sum-exp
   base, names = _policy_names(policy)
   names &= {"qkv", "attn_context", "attn_out", "mlp_hidden"}  # an LSTM half's tags save nothing here
@@ -547,7 +554,7 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   grads = params  # gradients in the parameter dtype, sharded like the parameters (ZeRO-2/3 under FSDP)
   live_grads = grads * (2 if levers.microbatches > 1 else 1)  # accumulator + this microbatch's
 
-  dims = _dims(config, sizes, levers.microbatches)
+  dims = _dims(config, sizes, levers.microbatches, levers)
   batch_ways = math.prod(sizes.get(a, 1) for a in _axes(rules.get("batch")))
   layer_param_bytes = stack_bytes / max(config.model.layers, 1)
   acts = _activations(config, dims, levers, layer_param_bytes, params, backend, cal)
@@ -574,7 +581,7 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
                 layer_transient=int(acts.layer_transient), head_transient=int(acts.head_transient),
                 per_device_batch=dims.b, microbatches=levers.microbatches, remat_policy=levers.policy,
                 time_chunk=levers.time_chunk, backend=backend,
-                attention=config.model.get("attention", "xla"), calibration=cal.fitted_on)
+                attention=dims.attention, calibration=cal.fitted_on)
   host = acts.detail.get("host_per_layer", 0) * config.model.layers
   return Estimate(**terms, total=sum(terms.values()), phase=phase, num_devices=math.prod(sizes.values()),
                   mesh=dict(sizes), detail=detail, host=int(host))

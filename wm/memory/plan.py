@@ -17,6 +17,9 @@ Search space:
                       length with 2 <= k <= T/2.
   mesh data x fsdp    every split of the devices left after config.mesh.tensor
                       (which is kept) whose parameter shards divide.
+  model.attention     for a config with xla attention, xla and chunked (same
+                      outputs, memory linear in T; its backward pass
+                      recomputes the scores); cudnn/splash configs are kept.
   precision           fixed: the config's param/compute dtypes are a modelling
                       choice (bf16 changes the numbers, not just the bytes), so
                       the planner does not change them.
@@ -89,19 +92,25 @@ class Candidate:
   flops: float  # per device per step, including recomputation
   comm_bytes: float  # per device per step
   cost: float
+  attention: str | None = None  # model.attention (None: the model has no attention, or the config's is kept)
 
   def overrides(self) -> dict[str, Any]:
-    return {"remat.policy": self.policy, "optim.microbatches": self.microbatches,
-            "remat.time_chunk": self.time_chunk, "mesh.data": self.mesh["data"], "mesh.fsdp": self.mesh["fsdp"],
-            "mesh.tensor": self.mesh["tensor"]}
+    out = {"remat.policy": self.policy, "optim.microbatches": self.microbatches,
+           "remat.time_chunk": self.time_chunk, "mesh.data": self.mesh["data"], "mesh.fsdp": self.mesh["fsdp"],
+           "mesh.tensor": self.mesh["tensor"]}
+    if self.attention:
+      out["model.attention"] = self.attention
+    return out
 
   def describe(self) -> str:
     chunk = f", time_chunk {self.time_chunk}" if self.time_chunk else ""
+    chunk += f", attention {self.attention}" if self.attention else ""
     return (f"remat {self.policy}, {self.microbatches} microbatch{'es' if self.microbatches > 1 else ''}{chunk}, "
             f"mesh data={self.mesh['data']} fsdp={self.mesh['fsdp']} tensor={self.mesh['tensor']}")
 
   def record(self) -> dict[str, Any]:
     return {"remat_policy": self.policy, "microbatches": self.microbatches, "time_chunk": self.time_chunk,
+            "attention": self.attention,
             "mesh": dict(self.mesh), "estimate_bytes": self.estimate.total, "phase": self.estimate.phase,
             "terms": {t: getattr(self.estimate, t) for t in estimate_lib.TERMS},
             "flops": self.flops, "comm_bytes": self.comm_bytes, "cost": self.cost}
@@ -164,6 +173,19 @@ def time_chunks(config: ml_collections.ConfigDict) -> list[int]:
     return [config.remat.time_chunk]
   t = config.data.seq_len
   return [0] + [k for k in _divisors(t) if 2 <= k <= t // 2]
+
+
+def attentions(config: ml_collections.ConfigDict) -> list[str | None]:
+  """Attention implementations to try: the config's, and chunked where the config uses xla.
+
+  `chunked` (wm/models/attention.py) is pure JAX, so it runs on every backend;
+  cudnn and splash are hardware-specific and left to the user. None: the
+  model has no Transformer stack.
+  """
+  m = config.model
+  if not (m.name == "transformer" or (m.name in ("vae", "mixture") and "transformer" in (m.encoder, m.decoder))):
+    return [None]
+  return ["xla", "chunked"] if m.attention == "xla" else [m.attention]
 
 
 def meshes(config: ml_collections.ConfigDict, num_devices: int) -> list[dict[str, int]]:
@@ -238,11 +260,14 @@ def _recompute_fraction(policy: str, parts: dict[str, float], time_chunk: int, s
 
 
 def cost(config: ml_collections.ConfigDict, policy: str, microbatches: int, time_chunk: int,
-         mesh: dict[str, int], est: estimate_lib.Estimate) -> tuple[float, float, float]:
+         mesh: dict[str, int], est: estimate_lib.Estimate, attention: str | None = None) -> tuple[float, float, float]:
   """(FLOPs per device, communication bytes per device, cost) of one candidate."""
   n = math.prod(mesh.values())
   total, stack, parts = _forward_flops(config)
   r = _recompute_fraction(policy, parts, time_chunk, stack)
+  if attention == "chunked" and "attention" in parts:
+    # FlashAttention's backward pass recomputes the scores (QK^T), half the attention FLOPs (Dao et al. 2022).
+    r += parts["attention"] / 2 / stack
   flops = (3 * total + r * stack) / n
   local = est.params  # parameter bytes on this device
   fsdp, data = mesh["fsdp"], mesh["data"]
@@ -273,11 +298,12 @@ def candidates(config: ml_collections.ConfigDict, num_devices: int | None = None
   for mesh in meshes(config, n):
     for m in microbatch_counts(config, mesh):
       for chunk in time_chunks(config):
-        for policy in policies(config):
-          levers = estimate_lib.Levers(policy, m, chunk, tuple(sorted(mesh.items())))
-          est = estimate_lib.estimate(config, n, backend=backend, levers=levers)
-          flops, comm, score = cost(config, policy, m, chunk, mesh, est)
-          out.append(Candidate(policy, m, chunk, dict(mesh), est, flops, comm, score))
+        for attention in attentions(config):
+          for policy in policies(config):
+            levers = estimate_lib.Levers(policy, m, chunk, tuple(sorted(mesh.items())), attention=attention)
+            est = estimate_lib.estimate(config, n, backend=backend, levers=levers)
+            flops, comm, score = cost(config, policy, m, chunk, mesh, est, attention)
+            out.append(Candidate(policy, m, chunk, dict(mesh), est, flops, comm, score, attention))
   return out
 
 
