@@ -95,8 +95,10 @@ def sample(rng: random.Random, *, widths, layers, lengths, meshes, mlp_ratios=(4
     o["remat.time_chunk"] = rng.choice((0, 0, -1))
   n, data, fsdp = rng.choice(meshes)
   o["mesh.num_devices"], o["mesh.data"], o["mesh.fsdp"] = n, data, fsdp
+  while o["data.batch_size"] % (data * fsdp):  # every device gets whole sequences
+    o["data.batch_size"] *= 2
   m = rng.choice(micro)
-  while (o["data.batch_size"] // m) % data:
+  if (o["data.batch_size"] // m) % (data * fsdp):
     m = 1
   o["optim.microbatches"] = m
   return o
