@@ -483,7 +483,8 @@ def _activations(config: ml_collections.ConfigDict, dims: _Dims, levers: Levers,
     dec, dec_t, detail = _stack_acts(config, m.decoder, dims, levers, layer_param_bytes, backend, cal)
     if m.mixture_heads == "separate":
       dec, dec_t = k * dec, k * dec_t
-    head = _head_transient(dims, cal, heads=k) + tokens * k * dims.vocab * _F32
+    # K components' logits, their gradient, log-softmax and posterior (count calibrated).
+    head = cal.mixture_head_logits * tokens * k * dims.vocab * _F32 + cal.head_stream * tokens * dims.d * _F32
     return _Acts(dec, dec_t, head, detail)
   # vrnn
   d, v, z, layers = dims.d, dims.vocab, m.latent_dim, m.layers
