@@ -1,6 +1,7 @@
 """Fit the estimate's calibrated coefficients to a compiler: compile a fitting set, save, refit, print.
 
-    python benchmarks/calibrate.py --backend cpu [--limit N] [--refit-only]
+    python benchmarks/calibrate.py --backend cpu [--count N] [--tests-matrix] [--refit-only]
+    python benchmarks/calibrate.py --backend cpu --refit-only --families transformer lstm mixture --max-evals 25
     python benchmarks/calibrate.py --backend tpu --targets v5e:2x2 v6e:2x2     (needs libtpu)
     python benchmarks/calibrate.py --backend gpu --targets h100:1              (needs a GPU compiler)
 
@@ -202,6 +203,9 @@ def main() -> None:
                       help="cpu: 'cpu'; tpu: topologies such as v5e:2x2 v6e:2x2; gpu: h100:1")
   parser.add_argument("--count", type=int, default=None, help="configs in the fitting set")
   parser.add_argument("--refit-only", action="store_true", help="refit from the saved records, compile nothing")
+  parser.add_argument("--families", nargs="+", default=None,
+                      help="fit only records of these model families (the CPU table: transformer lstm mixture)")
+  parser.add_argument("--max-evals", type=int, default=20, help="least-squares function evaluations")
   parser.add_argument("--tests-matrix", action="store_true",
                       help="add tests/test_memory.py's matrix to the fitting set (cpu)")
   args = parser.parse_args()
@@ -212,7 +216,11 @@ def main() -> None:
     records = [json.loads(line) for line in path.read_text().splitlines()]
   else:
     records = run(path, fitting_set(count, with_tests=args.tests_matrix), targets)
-  table, report = calibration.fit(records, args.backend, make_config)
+  unique = {}
+  for r in records:  # one record per (config, target)
+    unique.setdefault((json.dumps(r["overrides"], sort_keys=True), r["target"]), r)
+  records = [r for r in unique.values() if not args.families or r["overrides"]["model.name"] in args.families]
+  table, report = calibration.fit(records, args.backend, make_config, max_evals=args.max_evals)
   print(report)
   print(calibration.render(table))
 

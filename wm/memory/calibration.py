@@ -72,7 +72,8 @@ class Table:
 
 # XLA:CPU, jax 0.10.2: benchmarks/calibrate.py's fit (bounded least squares, 25 evaluations, from the
 # earlier hand fit) to the 45 Transformer, LSTM and mixture records of results/calibration/cpu.jsonl.
-# Reproduce: python benchmarks/calibrate.py --backend cpu --refit-only (which fits every record).
+# Refit: python benchmarks/calibrate.py --backend cpu --refit-only --families transformer lstm mixture --max-evals 25
+# (it starts from this table, so a rerun refines it rather than repeating it).
 CPU = Table(
     backend='cpu',
     fitted_on='45 compiled train steps on cpu (results/calibration/cpu.jsonl): lstm, mixture, transformer; widths 32-1024, 1-4 layers, lengths 32-512, float32/bfloat16, 1 and 4 devices, every optimizer; fit: median |err| 4.46%, max 56.12%, under-estimates 33% (worst -26.16%)',
