@@ -278,3 +278,14 @@ def test_planner_turns_to_chunked_attention_when_scores_do_not_fit():
   smallest_xla = min(c.estimate.total for c in plan_lib.candidates(config, 1) if c.attention == "xla")
   tight = plan_lib.plan(config, int(0.9 * smallest_xla), num_devices=1, confirm=False)
   assert tight.chosen.attention == "chunked" and tight.config.model.attention == "chunked"
+
+
+def test_explain_names_the_model_code_behind_the_largest_buffers():
+  data = report.collect(tiny(length=64), explain_top=8)
+  rows = data["explain"]
+  assert len(rows) == 8 and [r["bytes"] for r in rows] == sorted((r["bytes"] for r in rows), reverse=True)
+  # At T=64 the [b, h, t, t] scores are among the largest buffers, and they come from the attention code.
+  b, h, t = 8, 2, 64
+  scores = [r for r in rows if r["bytes"] == b * h * t * t * 4]
+  assert scores and any(r["source"] and r["source"].startswith("wm/models/transformer.py") for r in scores), rows
+  assert data["compiled"]["total_bytes"] == compiled(length=64)["total_bytes"]
