@@ -69,6 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.kv_heads = 4  # grouped KV heads; must divide heads
   m.mlp_ratio = 4  # MLP hidden = mlp_ratio * d
   m.window = 0  # sliding attention window in tokens; 0 = full causal attention
+  m.attention = "xla"  # xla | chunked (online softmax over key blocks) | cudnn (GPU) | splash (TPU); wm/models/attention.py
+  m.attention_block = 512  # keys per block for chunked/splash: memory per layer grows as t * block, not t^2
   m.rope_base = 10_000.0
   m.tie_embeddings = True
   m.forget_bias = 1.0  # LSTM forget-gate bias at init (Jozefowicz et al. 2015)
@@ -310,6 +312,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _need(m.heads % m.kv_heads == 0, "model.kv_heads", f"kv_heads={m.kv_heads} must divide heads={m.heads}")
   _need(m.rope_base > 1, "model.rope_base", f"must be > 1, got {m.rope_base}")
   _need(m.kl_warmup_steps >= 0, "model.kl_warmup_steps", f"must be >= 0, got {m.kl_warmup_steps}")
+  _need(m.attention in ("xla", "chunked", "cudnn", "splash"), "model.attention",
+        f"{m.attention!r} is not one of xla, chunked, cudnn, splash")
+  _need(m.attention_block >= 1, "model.attention_block", f"must be >= 1, got {m.attention_block}")
   _need(m.window >= 0, "model.window", f"must be >= 0 (0 = full attention), got {m.window}")
   _need(m.window <= d.seq_len, "model.window",
         f"window={m.window} is longer than data.seq_len={d.seq_len}, so it changes nothing; use 0 for full attention")

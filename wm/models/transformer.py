@@ -35,6 +35,7 @@ import ml_collections
 from flax import nnx
 
 from wm import parallel
+from wm.models import attention as attention_lib
 from wm.models import layers as L
 from wm.models import remat as R
 from wm.typing import Array, Batch, Float, Hidden, Int, Logits, Tokens
@@ -84,11 +85,12 @@ class Block(nnx.Module):
   """One pre-norm decoder block."""
 
   def __init__(self, d: int, heads: int, kv_heads: int, mlp_ratio: int, *, window: int, rope_base: float,
-               dropout: float, param_dtype, dtype, rngs: nnx.Rngs):
+               dropout: float, param_dtype, dtype, rngs: nnx.Rngs, attention: str = "xla", attention_block: int = 512):
     if d % heads or heads % kv_heads:
       raise ValueError(f"need heads | d and kv_heads | heads, got d={d} heads={heads} kv_heads={kv_heads}")
     e = d // heads
     self.window, self.rope_base, self.rate, self.dtype = window, rope_base, dropout, dtype
+    self.impl, self.block = attention, attention_block  # wm/models/attention.py
     kw = dict(param_dtype=param_dtype, dtype=dtype)
     self.attn_norm = L.RMSNorm(d, **kw)
     self.q = L.Dense(d, (heads, e), axes=("embed", "heads", "head_dim"), rngs=rngs, **kw)
@@ -115,7 +117,8 @@ class Block(nnx.Module):
 
   def __call__(self, x: Hidden, positions: Int[Array, "b t"] | Int[Array, "t"], dropout_key: jax.Array | None = None) -> Hidden:
     q, k, v = self._qkv(x, positions)
-    ctx = attention(q, k, v, positions, positions, window=self.window)
+    ctx = attention_lib.attend(q, k, v, positions, positions, window=self.window, implementation=self.impl,
+                               block=self.block, reference=attention)
     keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
     return self._finish(x, ctx, keys)
 
@@ -140,7 +143,7 @@ class TransformerStack(nnx.Module):
 
   def __init__(self, d: int, layers: int, heads: int, kv_heads: int, mlp_ratio: int, *, window: int = 0,
                rope_base: float = 10_000.0, dropout: float = 0.0, param_dtype=jnp.float32, dtype=jnp.float32,
-               remat_policy: str = "none", rngs: nnx.Rngs):
+               remat_policy: str = "none", attention: str = "xla", attention_block: int = 512, rngs: nnx.Rngs):
     R.checkpoint_policy(remat_policy, REMAT_TAGS)  # fail at construction on a bad policy name
     self.d, self.num_layers, self.kv_heads, self.head_dim = d, layers, kv_heads, d // heads
     self.window, self.rate, self.dtype, self.remat_policy = window, dropout, dtype, remat_policy
@@ -151,7 +154,8 @@ class TransformerStack(nnx.Module):
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make(rngs):
       return Block(d, heads, kv_heads, mlp_ratio, window=window, rope_base=rope_base, dropout=dropout,
-                   param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+                   param_dtype=param_dtype, dtype=dtype, rngs=rngs, attention=attention,
+                   attention_block=attention_block)
 
     self.blocks = make(rngs)
     self.final_norm = L.RMSNorm(d, param_dtype=param_dtype, dtype=dtype)
@@ -236,7 +240,7 @@ class Model(nnx.Module):
     self.embed = L.Embed(config.data.vocab_size, m.d, rngs=rngs, **kw)
     self.stack = TransformerStack(m.d, m.layers, m.heads, m.kv_heads, m.mlp_ratio, window=m.window,
                                   rope_base=m.rope_base, dropout=m.dropout, remat_policy=config.remat.policy,
-                                  rngs=rngs, **kw)
+                                  attention=m.attention, attention_block=m.attention_block, rngs=rngs, **kw)
     self.head = None if m.tie_embeddings else L.Dense(m.d, config.data.vocab_size, axes=("embed", "vocab"),
                                                       rngs=rngs, **kw)
 
