@@ -46,7 +46,7 @@ import sys
 
 from wm import sweep
 
-TASKS = ("copy", "selective_copy", "nback", "induction")
+TASKS = ("nback", "copy", "selective_copy", "induction")
 CONFIGS = {"lstm": "configs/mqar_lstm.py:quick", "transformer": "configs/mqar_transformer.py:quick"}
 
 QUICK = dict(seq_len=32, vocab=16, copy_len=6, nback=8, d=64, batch=64, steps=500, lr=3e-3,
