@@ -109,8 +109,13 @@ def _batch(config, setup):
   return step_lib.global_batch(setup, local)
 
 
-def measure_variants(config, timed_steps: int = TIMED_STEPS) -> dict:
+def measure_variants(config, timed_steps: int = TIMED_STEPS, names: list[str] | None = None) -> dict:
   """Compiles every variant of `config`'s family at its length, then times them alternately.
+
+  Args:
+    config: a validated config of the point (family, length, batch).
+    timed_steps: steps timed per variant after one warm-up call.
+    names: only these variants (default: all of the family's).
 
   Returns:
     {"variants": [one dict per variant: name, policy, time_chunk, chunk,
@@ -123,6 +128,8 @@ def measure_variants(config, timed_steps: int = TIMED_STEPS) -> dict:
 
   runs = []
   for name, policy, chunk in variants(config.model.name):
+    if names is not None and name not in names:
+      continue
     cfg = config_lib.validate(config_lib.override(config, {"remat.policy": policy, "remat.time_chunk": chunk}))
     start = time.perf_counter()
     exe, setup = measure.compiled_step(cfg)
