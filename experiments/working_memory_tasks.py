@@ -156,10 +156,13 @@ def plot(records: list[dict], out: str, preset: str) -> None:
     ax.set_title(task_detail(rows[0]), fontsize=9)
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel("validation accuracy")
-  axes[0][-1].legend(fontsize=7, loc="lower right")
+  legend = {}
+  for ax in axes[0]:  # one legend for all panels (the n-back panel adds the window line)
+    legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+  fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=len(legend), fontsize=7)
   fig.suptitle(f"Working-memory tasks: accuracy against state bytes ({preset}, {records[0]['steps']} steps)",
                fontsize=10)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0.07, 1, 1))
   sweep.save_figure(fig, out, "accuracy_vs_state_bytes")
 
   header = ["task", "model", "setting", "params", "state bytes", "accuracy", "loss", "steps", "tokens/s"]
