@@ -26,6 +26,10 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
   parser.add_argument("--devices", type=int, help="memory: plan for this many devices (CPU host devices are faked)")
   parser.add_argument("--json", action="store_true", help="memory/compile: print JSON instead of a table")
   parser.add_argument("--topology", help="compile: TPU topology such as v5e:2x2 or v5p:2x2x1")
+  parser.add_argument("--target", help="memory: plan and confirm for this target, e.g. v5e:4x4 (default: this host)")
+  parser.add_argument("--explain", action="store_true", help="memory: list the largest buffers of the compiled step")
+  parser.add_argument("--grow", action="store_true",
+                      help="memory: with --budget, the largest model of the config's family that fits it")
   parser.add_argument("--num_samples", type=int, default=4, help="generate: sequences to sample")
   parser.add_argument("--length", type=int, default=128, help="generate: tokens per sample")
   parser.add_argument("--prompt", default="", help="generate: text to continue (byte-level models)")
@@ -61,6 +65,12 @@ def _check_args(args: argparse.Namespace) -> str | None:
     return f"--devices {args.devices}: needs a positive number of devices"
   if args.budget is not None and args.verb not in ("train", "memory"):
     return f"--budget applies to train and memory, not {args.verb}"
+  if (args.target or args.explain or args.grow) and args.verb != "memory":
+    return f"--target, --explain and --grow apply to memory, not {args.verb}"
+  if args.grow and not args.budget:
+    return "--grow needs --budget: the model grows to the largest that fits it"
+  if args.grow and args.target:
+    return "--grow plans on this host's devices; --target is not supported with it yet"
   return None
 
 
@@ -91,8 +101,12 @@ def main(argv: list[str]) -> int:
     pipeline.prepare(config, allow_build=True)
     print(f"prepared {config.data.task} in {pipeline.data_dir(config)}")
   elif args.verb == "memory":
+    if args.grow:
+      from wm.memory import grow
+      return grow.main(config, args.budget, as_json=args.json)
     from wm.memory import report
-    return report.main(config, budget=args.budget, as_json=args.json)
+    return report.main(config, budget=args.budget, as_json=args.json, target=args.target,
+                       explain_top=15 if args.explain else 0)
   elif args.verb == "compile":
     from wm.memory import aot
     return aot.main(config, topology=args.topology, as_json=args.json)
