@@ -1,6 +1,5 @@
 """The training loop: learning, exact resume, accumulation, records, refusals."""
 
-import itertools
 import json
 import os
 
@@ -186,8 +185,8 @@ def test_eval_scores_the_whole_split_or_a_fixed_sample_spread_over_it(tmp_path):
   assert first == train.evaluate(sampled, setup, state, eval_step)  # the same sample every time
   assert first["eval_examples"] == 32
   # The 32 examples are drawn from all 40, not the first 32 in file order.
-  rows = {tuple(r) for b in itertools.islice(train._eval_iterator(sampled), 2) for r in b["targets"]}
-  by_row = {tuple(examples[i]["targets"]): i for i in range(40)}
-  picked = sorted(by_row[r] for r in rows)
-  assert len(picked) == 32 and max(picked) >= 32
+  picked = sorted(train.eval_indices(40, 16, 2))
+  assert len(picked) == len(set(picked)) == 32 and max(picked) >= 32
+  scored = {tuple(r) for b in train._eval_batches(sampled) for r, w in zip(b["targets"], b["weights"]) if w.any()}
+  assert scored == {tuple(examples[i]["targets"]) for i in picked}
   assert first["eval_tokens"] == tokens(picked)

@@ -373,7 +373,7 @@ def plan(config: ml_collections.ConfigDict, budget_bytes: int, num_devices: int 
                 len(fitting), rejected, **extra)
 
   from wm.memory import measure  # compiles; imported only when confirming
-  for candidate in fitting[:max_compiles]:
+  for i, candidate in enumerate(fitting[:max_compiles]):
     new = with_choice(config, candidate)
     if target is None:
       mesh = parallel.make_mesh(new.mesh, jax.devices()[:n])
@@ -382,7 +382,7 @@ def plan(config: ml_collections.ConfigDict, budget_bytes: int, num_devices: int 
       mesh, _ = aot.target_mesh(new, target)
     compiled = measure.compiled(new, mesh)
     if compiled["bound_bytes"] <= budget_bytes:
-      rest = [c for c in fitting if c is not candidate][:5]
+      rest = fitting[i + 1:i + 6]  # the cheaper ones the compiler rejected are in `rejected`
       where = compiled["backend"] + (f" for {target}" if target else "")
       return Plan(budget_bytes, candidate, new, compiled, f"compiled on {where} ({compiled['bound_field']})", rest,
                   len(every), len(fitting), rejected, **extra)

@@ -142,8 +142,8 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def chunked(q: Float[Array, "b t h e"], k: Float[Array, "b s k e"], v: Float[Array, "b s k e"],
-            q_pos: Int[Array, "b t"], k_pos: Int[Array, "b s"], *, window: int = 0,
-            k_valid: jax.Array | None = None, block: int = 512) -> Float[Array, "b t h e"]:
+            q_pos: Int[Array, "b t"] | Int[Array, "t"], k_pos: Int[Array, "b s"] | Int[Array, "s"], *,
+            window: int = 0, k_valid: jax.Array | None = None, block: int = 512) -> Float[Array, "b t h e"]:
   """Memory-efficient attention: online softmax over key blocks, with its own backward pass.
 
   Same outputs as the xla implementation to float tolerance (the sums run in
@@ -151,6 +151,10 @@ def chunked(q: Float[Array, "b t h e"], k: Float[Array, "b s k e"], v: Float[Arr
   our callers) averages the values of its last block rather than all values.
   """
   block = max(1, min(block, k.shape[1]))
+  # Key positions are cut into blocks along a batch axis; positions shared by
+  # the batch ([t], the training path) are broadcast first (a few ints a row).
+  q_pos = jnp.broadcast_to(q_pos, q.shape[:2])
+  k_pos = jnp.broadcast_to(k_pos, k.shape[:2])
   return _chunked(q, k, v, q_pos, k_pos, k_valid, window, block)
 
 
