@@ -39,6 +39,9 @@ def test_compiles_for_v5e_2x2_without_running():
   assert record["total_bytes"] == (record["argument_size_in_bytes"] + record["output_size_in_bytes"]
                                    - record["alias_size_in_bytes"] + record["temp_size_in_bytes"])
   assert record["flops"] > 0
+  # On TPU the bound is the larger of the compiler's peak and the DESIGN.md total (docs/memory.md).
+  assert record["bound_bytes"] == max(record["peak_memory_in_bytes"], record["total_bytes"])
+  assert record["bound_field"] in ("peak_memory_in_bytes", "total_bytes")
   # The TPU compiler's bytes and the analytic estimate for 4 devices are the same order of magnitude.
   assert 0.2 < record["estimate"]["total"] / record["total_bytes"] < 5
 
@@ -65,3 +68,45 @@ def test_without_libtpu_it_says_how_to_install(capsys, monkeypatch):
 def test_topology_is_required(capsys):
   assert aot.main(tiny_config(), topology=None) == 2
   assert "--topology" in capsys.readouterr().err
+
+
+@needs_libtpu
+def test_plan_for_a_tpu_target_is_confirmed_by_the_tpu_compiler():
+  from wm.memory import report
+  config = tiny_config()
+  budget = 64 * 2**20
+  data = report.collect(config, budget=budget, target="v5e:2x2")
+  plan = data["plan"]
+  assert plan["backend"] == "tpu" and plan["target"] == "v5e:2x2"
+  assert plan["confirmed"] and plan["compiled"]["backend"] == "tpu"
+  assert plan["compiled_bound_bytes"] <= budget and plan["margin_bytes"] == budget - plan["compiled_bound_bytes"]
+  assert plan["compiled"]["num_devices"] == 4
+  assert data["compiled"]["target"] == "v5e:2x2" and data["estimate"]["detail"]["backend"] == "tpu"
+
+
+def test_gpu_target_without_a_gpu_compiler_is_a_clear_error(capsys):
+  from wm.memory import report
+  assert report.main(tiny_config(), budget="64MiB", target="h100:8") == 2
+  assert "GPU" in capsys.readouterr().err
+
+
+@needs_libtpu
+def test_splash_attention_compiles_for_tpu():
+  """The Pallas splash kernel (model.attention=splash) lowers and compiles for a v5e chip, forward and backward."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.experimental import topologies
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  from wm.models import attention as attention_lib
+  aot._quiet_libtpu("v5e:2x2")
+  desc = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2")
+  sharding = NamedSharding(Mesh(np.array(desc.devices[:1]), ("x",)), PartitionSpec())
+  shapes = ((2, 256, 4, 128), (2, 256, 2, 128), (2, 256, 2, 128))  # grouped-query: 4 query heads, 2 kv heads
+  args = [jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=sharding) for s in shapes]
+
+  def loss(q, k, v):
+    return jnp.sum(attention_lib.splash(q, k, v, window=64, block=128).astype(jnp.float32) ** 2)
+
+  exe = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
+  assert exe.as_text().count("tpu_custom_call") >= 2  # the forward kernel and its backward kernels

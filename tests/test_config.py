@@ -53,6 +53,22 @@ def test_wrong_type_is_named():
     ({"remat.policy": "save:"}, "names no tensors"),
     ({"optim.name": "lion"}, "optim.name"),
     ({"train.budget": "lots"}, "512MiB"),
+    ({"optim.b1": 5.0}, r"optim.b1: must be in \[0, 1\)"),
+    ({"optim.eps": -1.0}, "optim.eps: must be > 0"),
+    ({"optim.min_lr_ratio": -3.0}, r"optim.min_lr_ratio: must be in \[0, 1\]"),
+    ({"optim.lr": float("inf")}, "optim.lr=inf must be a finite number"),
+    ({"data.worker_count": -3}, "data.worker_count: must be >= 0"),
+    ({"seed": -1}, "seed: must be in"),
+    ({"remat.policy": "full:qkv"}, "full takes no tensor names"),
+    ({"remat.policy": "offload:qkv,,mlp_hidden"}, "empty name"),
+    ({"remat.policy": "save:gates"}, r"model 'transformer' has no tensor\(s\) tagged \['gates'\]"),
+    ({"model.name": "lstm", "remat.policy": "save:qkv"}, r"tagged \['qkv'\]; it tags \['c', 'gates', 'h'\]"),
+    ({"model.name": "vae", "model.encoder": "transformer", "remat.policy": "save:gates"}, "it tags none"),
+    ({"mesh.rules": (("batch", "nope"),)}, "'nope' is not a mesh axis"),
+    ({"mesh.rules": (("batch",),)}, "each rule is a pair"),
+    ({"train.on_nonfinite": "ignore"}, "train.on_nonfinite"),
+    ({"data.task": "text", "data.text_source": "files", "data.text_files": "/nonexistent/*.txt"},
+     "matches no file"),
 ])
 def test_impossible_values_are_named(assignments, message):
   c = config_lib.override(config_lib.base_config(), assignments)
@@ -74,3 +90,28 @@ def test_parse_bytes(text, expected):
 def test_missing_config_file():
   with pytest.raises(config_lib.ConfigError, match="does not exist"):
     config_lib.load("configs/nope.py:quick")
+
+
+def test_valid_tag_policies_pass():
+  for name, policy in (("transformer", "save:qkv,attn_out"), ("lstm", "offload:gates"), ("vrnn", "save:h,c"),
+                       ("vae", "save:gates")):
+    config_lib.validate(config_lib.override(config_lib.base_config(), {"model.name": name, "remat.policy": policy}))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("def get_config(arg=None)\n  pass\n", "cannot be loaded: SyntaxError"),
+    ("def get_config(arg=None):\n  return {}\n", "must return an ml_collections.ConfigDict"),
+    ("def get_config(arg=None):\n  raise ValueError('no such arg')\n", "failed: ValueError: no such arg"),
+])
+def test_broken_config_files_are_one_error(tmp_path, text, message):
+  path = tmp_path / "c.py"
+  path.write_text(text)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.load(str(path))
+
+
+def test_override_refuses_sections_and_malformed_lists():
+  with pytest.raises(config_lib.ConfigError, match="config.model is a section"):
+    config_lib.override(config_lib.base_config(), {"model": "3"})
+  with pytest.raises(config_lib.ConfigError, match="config.mesh.rules"):
+    config_lib.override(config_lib.base_config(), {"mesh.rules": '{"batch": "data"}'})

@@ -187,11 +187,12 @@ def test_lstm_stack_scan_equals_step_loop(dtype):
     np.testing.assert_allclose(f64(c), f64(c2), **TOL[dtype])
 
 
-def test_lstm_time_chunked_scan_equals_plain_scan():
+@pytest.mark.parametrize("policy", ["none", "save:h"])  # the hand-written backward, and autodiff of the scan
+def test_lstm_time_chunked_scan_equals_plain_scan(policy):
   x = normal(0, 2, 16, 5)
 
   def run(time_chunk):  # -1: chunks of 4 = sqrt(16) steps
-    stack = init(lambda: lstm.LSTMStack(5, 8, 3, time_chunk=time_chunk, rngs=nnx.Rngs(0)))
+    stack = init(lambda: lstm.LSTMStack(5, 8, 3, time_chunk=time_chunk, remat_policy=policy, rngs=nnx.Rngs(0)))
 
     def loss(stack, x):
       y, final = stack(x)
@@ -203,6 +204,43 @@ def test_lstm_time_chunked_scan_equals_plain_scan():
   np.testing.assert_allclose(v1, v0, rtol=1e-6)
   np.testing.assert_allclose(gx1, gx0, rtol=1e-5, atol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), nnx.state(g1), nnx.state(g0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lstm_hand_written_backward_equals_autodiff(dtype):
+  """lstm_sequence's VJP against jax.grad of the plain scan of lstm_cell, every input and the final carry."""
+  dt = L.dtype_of(dtype)
+  b, t, d = 3, 11, 8
+  w_h = jnp.asarray(normal(0, d, 4 * d) / math.sqrt(d), dt)
+  h0, c0 = jnp.asarray(0.5 * normal(1, b, d), dt), jnp.asarray(0.5 * normal(2, b, d), dt)
+  x_proj = jnp.asarray(normal(3, t, b, 4 * d), dt)
+  dy, dh, dc = normal(4, t, b, d), normal(5, b, d), normal(6, b, d)
+
+  def loss(seq_fn, w_h, h0, c0, x_proj):
+    # Cotangents on the outputs and on both parts of the final carry.
+    (h, c), ys = seq_fn(w_h, (h0, c0), x_proj)
+    f32 = lambda a: a.astype(jnp.float32)
+    return jnp.sum(f32(ys) * dy) + jnp.sum(f32(h) * dh) + jnp.sum(f32(c) * dc)
+
+  autodiff = lambda w, carry, xp: jax.lax.scan(functools.partial(lstm.lstm_cell, {"w_h": w}), carry, xp)
+  grads = [jax.jit(jax.value_and_grad(functools.partial(loss, fn), argnums=(0, 1, 2, 3)),
+                   compiler_options=FAST)(w_h, h0, c0, x_proj) for fn in (lstm.lstm_sequence, autodiff)]
+  (v_hand, g_hand), (v_auto, g_auto) = grads
+  np.testing.assert_allclose(f64(v_hand), f64(v_auto), **TOL[dtype])
+  for got, want in zip(g_hand, g_auto):
+    assert got.dtype == want.dtype
+    # bfloat16: the hand-written backward keeps dh and dc in float32 across
+    # steps where autodiff rounds them to bfloat16 at every step.
+    scale = np.max(np.abs(f64(want)))
+    np.testing.assert_allclose(f64(got) / scale, f64(want) / scale, **TOL[dtype])
+
+
+def test_gelu_matches_jax_nn_gelu_and_its_gradient():
+  x = jnp.asarray(np.linspace(-6, 6, 101, dtype=np.float32))
+  np.testing.assert_allclose(L.gelu(x), jax.nn.gelu(x, approximate=True), rtol=1e-5, atol=1e-6)
+  g = jax.grad(lambda x: jnp.sum(jnp.sin(x) * L.gelu(x)))(x)
+  g_ref = jax.grad(lambda x: jnp.sum(jnp.sin(x) * jax.nn.gelu(x, approximate=True)))(x)
+  np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
 
 
 def test_resolve_time_chunk():

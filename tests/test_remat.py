@@ -25,6 +25,16 @@ POLICIES = {
 }
 
 
+# Without layer remat the LSTM runs its hand-written backward (lstm.lstm_sequence),
+# which keeps 6 d floats per step (post-activation gates, c, h); autodiff under
+# `dots` keeps both matmul outputs (x W_x and h W_h, 8 d) and under
+# `offload:gates` (= save:gates on CPU) the pre-activation gates plus what the
+# recomputation needs, so these policies are for the autodiff path only and
+# keep more than no remat (measured here: none 5.6 MB, dots 8.3, offload:gates
+# 5.7, save:h 4.8, full 4.1).
+KEEPS_MORE_THAN_NONE = {"lstm": ("dots", "dots_no_batch", "offload:gates")}
+
+
 def config(name: str, policy: str = "none", time_chunk: int = 0, seq_len: int = 128, **model):
   c = base_config()
   c.model.name = name
@@ -90,7 +100,10 @@ def test_policy_keeps_numbers_and_changes_memory(name, policy):
   # sits between saving nothing (full) and saving everything (none); measured
   # on CPU XLA at these shapes, e.g. Transformer none 33.0 MB, dots 14.8,
   # dots_no_batch 10.1, offload:qkv 9.2, save:mlp_hidden 7.9, full 7.6.
-  assert temp < none, f"{name} {policy}: temp {temp} bytes, no remat {none}: the policy saved nothing"
+  if policy in KEEPS_MORE_THAN_NONE.get(name, ()):
+    assert temp > none, f"{name} {policy}: expected more than the hand-written backward's {none} bytes, got {temp}"
+  else:
+    assert temp < none, f"{name} {policy}: temp {temp} bytes, no remat {none}: the policy saved nothing"
   if policy != "full":
     full = run(name, "full")[1]
     assert full < temp, f"{name} {policy}: temp {temp} bytes <= full remat's {full}"

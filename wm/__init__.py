@@ -1,10 +1,7 @@
-"""wm: memory-bounded sequence models in JAX."""
+"""wm: memory-bounded sequence models in JAX.
 
-from flax import nnx
-
-# Parameters carry *logical* axis names ("embed", "mlp", ...) that only mean
-# something once the config's rules map them to mesh axes (wm.parallel). Flax's
-# eager sharding would try to place them at creation time, outside any mesh.
-nnx.use_eager_sharding(False)
+The package itself imports nothing heavy, so `python -m wm --help` and config
+loading start without JAX; `wm.models` sets up Flax when a model is built.
+"""
 
 __version__ = "0.1.0"

@@ -26,6 +26,10 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
   parser.add_argument("--devices", type=int, help="memory: plan for this many devices (CPU host devices are faked)")
   parser.add_argument("--json", action="store_true", help="memory/compile: print JSON instead of a table")
   parser.add_argument("--topology", help="compile: TPU topology such as v5e:2x2 or v5p:2x2x1")
+  parser.add_argument("--target", help="memory: plan and confirm for this target, e.g. v5e:4x4 (default: this host)")
+  parser.add_argument("--explain", action="store_true", help="memory: list the largest buffers of the compiled step")
+  parser.add_argument("--grow", action="store_true",
+                      help="memory: with --budget, the largest model of the config's family that fits it")
   parser.add_argument("--num_samples", type=int, default=4, help="generate: sequences to sample")
   parser.add_argument("--length", type=int, default=128, help="generate: tokens per sample")
   parser.add_argument("--prompt", default="", help="generate: text to continue (byte-level models)")
@@ -48,27 +52,47 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
   return args, overrides
 
 
+def _check_args(args: argparse.Namespace) -> str | None:
+  """Problems with the verb's own flags, as one message (None when fine)."""
+  if args.verb in ("train", "generate") and not args.workdir:
+    return f"{args.verb} needs --workdir DIR"
+  if args.verb == "generate":
+    if args.length < 1:
+      return f"--length {args.length}: generate needs a positive number of tokens"
+    if args.num_samples < 1:
+      return f"--num_samples {args.num_samples}: generate needs at least one sample"
+  if args.devices is not None and args.devices < 1:
+    return f"--devices {args.devices}: needs a positive number of devices"
+  if args.budget is not None and args.verb not in ("train", "memory"):
+    return f"--budget applies to train and memory, not {args.verb}"
+  if (args.target or args.explain or args.grow) and args.verb != "memory":
+    return f"--target, --explain and --grow apply to memory, not {args.verb}"
+  if args.grow and not args.budget:
+    return "--grow needs --budget: the model grows to the largest that fits it"
+  if args.grow and args.target:
+    return "--grow plans on this host's devices; --target is not supported with it yet"
+  return None
+
+
 def main(argv: list[str]) -> int:
+  """Runs one verb; returns the exit code. Bad input raises one of `user_errors()`."""
   args, overrides = _parse(argv)
+  problem = _check_args(args)
+  if problem:
+    print(f"error: {problem}", file=sys.stderr)
+    return 2
   if args.verb == "memory" and args.devices:
     # Must happen before JAX initialises its backends.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_force_host_platform_device_count={args.devices}").strip()
   from wm import config as config_lib
-  try:
-    config = config_lib.load(args.config)
-    config = config_lib.override(config, overrides)
-    if args.budget:
-      config = config_lib.override(config, {"train.budget": args.budget})
-    config = config_lib.validate(config)
-  except config_lib.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  config = config_lib.load(args.config)
+  config = config_lib.override(config, overrides)
+  if args.budget:
+    config = config_lib.override(config, {"train.budget": args.budget})
+  config = config_lib.validate(config)
 
   if args.verb == "train":
-    if not args.workdir:
-      print("error: train needs --workdir DIR", file=sys.stderr)
-      return 2
     from wm import train
     result = train.train_and_evaluate(config, args.workdir)
     print(json.dumps({"step": result["step"], "eval": result["eval"]}))
@@ -77,28 +101,76 @@ def main(argv: list[str]) -> int:
     pipeline.prepare(config, allow_build=True)
     print(f"prepared {config.data.task} in {pipeline.data_dir(config)}")
   elif args.verb == "memory":
+    if args.grow:
+      from wm.memory import grow
+      return grow.main(config, args.budget, as_json=args.json)
     from wm.memory import report
-    return report.main(config, budget=args.budget, as_json=args.json)
+    return report.main(config, budget=args.budget, as_json=args.json, target=args.target,
+                       explain_top=15 if args.explain else 0)
   elif args.verb == "compile":
     from wm.memory import aot
     return aot.main(config, topology=args.topology, as_json=args.json)
   elif args.verb == "generate":
-    from wm import generate
+    from wm import generate, train
+    train.check_generate_workdir(config, args.workdir)  # a missing or foreign workdir is one message
     return generate.main(config, args.workdir, num_samples=args.num_samples, length=args.length,
                          prompt=args.prompt)
   return 0
 
 
-def run() -> None:
+def user_errors() -> tuple[type[BaseException], ...]:
+  """Exceptions that mean bad input (config, flags, files), reported as one line with exit code 2.
+
+  ValueError covers every impossible value found past validation (a mesh
+  that does not fit the parameters, a budget too small to plan for);
+  OSError covers the filesystem (a read-only or full disk, a missing file).
+  Anything else is a bug in wm and keeps its traceback.
+  """
   from wm import config as config_lib
   from wm.data import pipeline
   from wm import train
+  return (config_lib.ConfigError, pipeline.DatasetNotPrepared, train.IncompatibleWorkdir, train.WorkdirError,
+          ValueError, OSError)
+
+
+def run(argv: list[str] | None = None) -> int:
+  """The console entry point: `main` with one clean message (no traceback) for bad input.
+
+  Exit codes: 0 success, 1 the run failed (non-finite loss, budget not met),
+  2 bad input, 130 interrupted. WM_TRACEBACK=1 in the environment shows the
+  traceback of a bad-input error too (for debugging wm itself).
+  """
+  argv = sys.argv[1:] if argv is None else argv
   try:
-    sys.exit(main(sys.argv[1:]))
-  except (config_lib.ConfigError, pipeline.DatasetNotPrepared, train.IncompatibleWorkdir) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    return main(argv)
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    return 130
+  except SystemExit as e:  # argparse (exit code 2 with its usage line) and generate's own checks
+    if isinstance(e.code, str):
+      print(e.code, file=sys.stderr)
+      return 2
+    return 0 if e.code is None else e.code
+  except Exception as e:  # pylint: disable=broad-except
+    from wm import config as config_lib
+    if isinstance(e, config_lib.ConfigError) and not os.environ.get("WM_TRACEBACK"):
+      print(f"error: {e}", file=sys.stderr)  # the common case, answered without importing JAX
+      return 2
+    from wm import train
+    if isinstance(e, train.NonFiniteLoss):
+      print(f"error: {e}", file=sys.stderr)
+      return 1
+    if isinstance(e, user_errors()) and not os.environ.get("WM_TRACEBACK"):
+      print(f"error: {_one_line(e)}", file=sys.stderr)
+      return 2
+    raise
+
+
+def _one_line(e: BaseException) -> str:
+  if isinstance(e, OSError) and e.filename and e.strerror:
+    return f"{e.filename}: {e.strerror}"
+  return str(e) or type(e).__name__
 
 
 if __name__ == "__main__":
-  run()
+  sys.exit(run())

@@ -24,6 +24,8 @@ OPTIMIZERS = ("adamw", "adafactor", "sgd", "adagrad")
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
 DTYPES = ("float32", "bfloat16")
 KL_SCHEDULES = ("constant", "linear", "logistic", "cyclical")
+NONFINITE_ACTIONS = ("stop", "skip_batch")
+MESH_AXES = ("data", "fsdp", "tensor")
 
 
 class ConfigError(ValueError):
@@ -67,6 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.kv_heads = 4  # grouped KV heads; must divide heads
   m.mlp_ratio = 4  # MLP hidden = mlp_ratio * d
   m.window = 0  # sliding attention window in tokens; 0 = full causal attention
+  m.attention = "xla"  # xla | chunked (online softmax over key blocks) | cudnn (GPU) | splash (TPU); wm/models/attention.py
+  m.attention_block = 512  # keys per block for chunked/splash: memory per layer grows as t * block, not t^2
   m.rope_base = 10_000.0
   m.tie_embeddings = True
   m.forget_bias = 1.0  # LSTM forget-gate bias at init (Jozefowicz et al. 2015)
@@ -138,7 +142,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.eval_every = 200
   t.eval_batches = 8  # 0 = the whole validation split; N = a fixed seeded sample of N batches drawn from all of it
   t.checkpoint_every = 500
-  t.max_to_keep = 3
+  t.max_to_keep = 3  # newest checkpoints kept; one whose checksums verified is never rotated out
+  t.on_nonfinite = "stop"  # non-finite loss or gradient: "stop" the run, or "skip_batch" (drop that update)
+  t.max_skipped_in_row = 10  # skip_batch: stop once this many consecutive steps were non-finite
   t.progress = True  # tqdm progress bar on process 0
   t.budget = ""  # per-device training-memory budget (e.g. "2GiB"); the planner fits the run to it
   return c
@@ -149,12 +155,27 @@ def load(spec: str) -> ml_collections.ConfigDict:
   path, _, arg = spec.partition(":")
   if not os.path.exists(path):
     raise ConfigError(f"config file {path!r} does not exist (expected configs/NAME.py[:ARG])")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config {path!r} is not a file (expected configs/NAME.py[:ARG])")
   module_spec = importlib.util.spec_from_file_location("wm_user_config", path)
+  if module_spec is None or module_spec.loader is None:
+    raise ConfigError(f"config {path!r} is not a Python file (expected configs/NAME.py[:ARG])")
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # SyntaxError, ImportError, ...: the file, not wm, is at fault
+    raise ConfigError(f"config file {path} cannot be loaded: {type(e).__name__}: {e}") from None
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path} does not define get_config(arg=None)")
-  return module.get_config(arg or None)
+  try:
+    config = module.get_config(arg or None)
+  except Exception as e:  # a config file is user code: any failure is a bad config, reported in one line
+    where = f"{path}:{arg}" if arg else path
+    raise ConfigError(f"{where}: get_config({arg or None!r}) failed: {type(e).__name__}: {e}") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict (start from "
+                      f"wm.config.base_config()), got {type(config).__name__}")
+  return config
 
 
 def _coerce(field: str, old: Any, text: str) -> Any:
@@ -171,9 +192,12 @@ def _coerce(field: str, old: Any, text: str) -> Any:
     if isinstance(old, float):
       return float(text)
     if isinstance(old, (tuple, list)):
-      return type(old)(json.loads(text))
+      value = json.loads(text)
+      if not isinstance(value, list):
+        raise ValueError(text)
+      return type(old)(value)
     return text
-  except ValueError:
+  except (ValueError, TypeError, OverflowError):
     raise ConfigError(
         f"config.{field}={text!r}: expected a {type(old).__name__} like {old!r}") from None
 
@@ -195,7 +219,14 @@ def override(config: ml_collections.ConfigDict, assignments: dict[str, Any]) -> 
       raise ConfigError(
           f"config.{field} does not exist; fields here are: {', '.join(sorted(node.keys()))}")
     old = node[leaf]
-    node[leaf] = _coerce(field, old, value) if isinstance(value, str) and not isinstance(old, str) else value
+    if isinstance(old, ml_collections.ConfigDict):
+      raise ConfigError(f"config.{field} is a section; set one of its fields: "
+                        f"{', '.join(sorted(old.keys()))}")
+    value = _coerce(field, old, value) if isinstance(value, str) and not isinstance(old, str) else value
+    try:
+      node[leaf] = value
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"config.{field}={value!r}: expected a {type(old).__name__} like {old!r} ({e})") from None
   return config
 
 
@@ -219,6 +250,10 @@ def check_schema(config: ml_collections.ConfigDict) -> None:
         ok = False
       if not ok:
         raise ConfigError(f"config.{name}={value!r} has type {type(value).__name__}; expected {want.__name__}")
+      if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config.{name}={value!r} must be a finite number")
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"a config must be an ml_collections.ConfigDict, got {type(config).__name__}")
   walk(config, base_config(), "")
 
 
@@ -235,15 +270,22 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   check_schema(config)
   config = ml_collections.ConfigDict(config.to_dict())
   d, m, o, t, r = config.data, config.model, config.optim, config.train, config.remat
+  _need(0 <= config.seed < 2**31, "seed", f"must be in [0, 2**31), got {config.seed}")
   _need(d.task in TASKS, "data.task", f"{d.task!r} is not one of {TASKS}")
   if d.task == "text":
     config.data.vocab_size = 256  # byte-level tokenizer
   _need(d.seq_len >= 2, "data.seq_len", f"must be >= 2, got {d.seq_len}")
   _need(d.vocab_size >= 4, "data.vocab_size", f"must be >= 4, got {d.vocab_size}")
   _need(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
-  _need(d.train_size >= 1 and d.eval_size >= 1, "data.train_size", "train_size and eval_size must be >= 1")
+  _need(d.train_size >= 1, "data.train_size", f"must be >= 1, got {d.train_size}")
+  _need(d.eval_size >= 1, "data.eval_size", f"must be >= 1, got {d.eval_size}")
+  _need(d.worker_count >= 0, "data.worker_count", f"must be >= 0 (0 = in-process), got {d.worker_count}")
+  # Ranges hold whatever the task, so a nonsense value never waits for the day the task changes.
+  _need(d.num_kv_pairs >= 1, "data.num_kv_pairs", f"must be >= 1, got {d.num_kv_pairs}")
+  _need(d.power_a > 0, "data.power_a", f"must be > 0, got {d.power_a}")
+  _need(d.copy_len >= 1, "data.copy_len", f"must be >= 1, got {d.copy_len}")
+  _need(d.nback >= 1, "data.nback", f"must be >= 1, got {d.nback}")
   if d.task == "mqar":
-    _need(d.num_kv_pairs >= 1, "data.num_kv_pairs", "must be >= 1")
     _need(4 * d.num_kv_pairs <= d.seq_len, "data.num_kv_pairs",
           f"{d.num_kv_pairs} pairs need seq_len >= {4 * d.num_kv_pairs} (2 tokens per pair plus queries); "
           f"got seq_len={d.seq_len}")
@@ -257,8 +299,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if d.task == "nback":
     _need(1 <= d.nback < d.seq_len, "data.nback", f"must be in [1, seq_len), got {d.nback}")
   if d.task == "text" and d.text_source == "files":
-    _need(bool(d.text_files), "data.text_files",
+    _need(bool(d.text_files.strip(",; ")), "data.text_files",
           "set it to comma-separated paths or globs, or to 'train=GLOBS;validation=GLOBS[;test=GLOBS]'")
+    _check_text_files(d.text_files)
 
   _need(m.name in MODELS, "model.name", f"{m.name!r} is not one of {MODELS}")
   for f in ("d", "layers", "heads", "kv_heads", "mlp_ratio", "latent_dim", "components"):
@@ -267,6 +310,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _need(m.d % m.heads == 0, "model.heads", f"heads={m.heads} must divide d={m.d}")
     _need((m.d // m.heads) % 2 == 0, "model.heads", f"head_dim d/heads={m.d // m.heads} must be even for rotary embeddings")
     _need(m.heads % m.kv_heads == 0, "model.kv_heads", f"kv_heads={m.kv_heads} must divide heads={m.heads}")
+  _need(m.rope_base > 1, "model.rope_base", f"must be > 1, got {m.rope_base}")
+  _need(m.kl_warmup_steps >= 0, "model.kl_warmup_steps", f"must be >= 0, got {m.kl_warmup_steps}")
+  _need(m.attention in ("xla", "chunked", "cudnn", "splash"), "model.attention",
+        f"{m.attention!r} is not one of xla, chunked, cudnn, splash")
+  _need(m.attention_block >= 1, "model.attention_block", f"must be >= 1, got {m.attention_block}")
   _need(m.window >= 0, "model.window", f"must be >= 0 (0 = full attention), got {m.window}")
   _need(m.window <= d.seq_len, "model.window",
         f"window={m.window} is longer than data.seq_len={d.seq_len}, so it changes nothing; use 0 for full attention")
@@ -286,8 +334,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   _need(o.name in OPTIMIZERS, "optim.name", f"{o.name!r} is not one of {OPTIMIZERS}")
   _need(o.schedule in SCHEDULES, "optim.schedule", f"{o.schedule!r} is not one of {SCHEDULES}")
-  _need(o.lr > 0, "optim.lr", "must be > 0")
+  _need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
   _need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+  _need(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+  _need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+  # Adam's moment decays (Kingma & Ba 2015): b = 1 never forgets, and the bias correction divides by 1 - b^t = 0.
+  _need(0.0 <= o.b1 < 1.0, "optim.b1", f"must be in [0, 1), got {o.b1}")
+  _need(0.0 <= o.b2 < 1.0, "optim.b2", f"must be in [0, 1), got {o.b2}")
+  _need(o.eps > 0, "optim.eps", f"must be > 0 (it keeps the update's denominator away from 0), got {o.eps}")
+  _need(0.0 <= o.momentum < 1.0, "optim.momentum", f"must be in [0, 1) (0 = plain SGD), got {o.momentum}")
   _need(o.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 = off)")
   _need(o.microbatches >= 1, "optim.microbatches", "must be >= 1")
   _need(d.batch_size % o.microbatches == 0, "optim.microbatches",
@@ -297,24 +352,90 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if r.time_chunk > 0:
     _need(d.seq_len % r.time_chunk == 0, "remat.time_chunk",
           f"{r.time_chunk} must divide data.seq_len={d.seq_len}")
-  _check_policy_name(r.policy)
+  _check_policy(config)
+  _check_mesh(config.mesh)
 
   _need(t.steps >= 0, "train.steps", "must be >= 0")
   for f in ("log_every", "eval_every", "checkpoint_every", "max_to_keep"):
     _need(t[f] >= 1, f"train.{f}", f"must be >= 1, got {t[f]}")
-  _need(t.eval_batches >= 0, "train.eval_batches", "must be >= 0")
+  _need(t.eval_batches >= 0, "train.eval_batches", "must be >= 0 (0 = the whole split)")
+  _need(t.on_nonfinite in NONFINITE_ACTIONS, "train.on_nonfinite",
+        f"{t.on_nonfinite!r} is not one of {NONFINITE_ACTIONS}")
+  _need(t.max_skipped_in_row >= 1, "train.max_skipped_in_row", f"must be >= 1, got {t.max_skipped_in_row}")
   if t.budget:
     parse_bytes(t.budget)  # raises a ConfigError naming the format
   return config
 
 
-def _check_policy_name(policy: str) -> None:
-  base = policy.split(":", 1)[0]
+def remat_tags(config: ml_collections.ConfigDict) -> frozenset[str]:
+  """The checkpoint names every remat block of `config.model` emits (what save:/offload: may name).
+
+  A latent model applies one policy to each stack it builds, so a tag must
+  exist in all of them (a VAE with a Transformer encoder and an LSTM decoder
+  has no tag in common). Imports the model modules (and so JAX): called only
+  for save:/offload: policies, so plain config loading stays fast.
+  """
+  from wm.models import lstm, transformer  # pylint: disable=g-import-not-at-top
+  tags = {"lstm": lstm.REMAT_TAGS, "transformer": transformer.REMAT_TAGS}
+  m = config.model
+  if m.name in tags:
+    return tags[m.name]
+  if m.name == "vrnn":
+    return tags["lstm"]
+  if m.name == "mixture":
+    return tags[m.decoder]
+  return tags[m.encoder] & tags[m.decoder]
+
+
+def _check_policy(config: ml_collections.ConfigDict) -> None:
+  policy = config.remat.policy
+  base, colon, rest = policy.partition(":")
   _need(base in ("none", "full", "dots", "dots_no_batch", "save", "offload"), "remat.policy",
         f"{policy!r}: expected none, full, dots, dots_no_batch, save:<names> or offload:<names>")
-  if base in ("save", "offload"):
-    _need(":" in policy and policy.split(":", 1)[1].strip() != "", "remat.policy",
-          f"{policy!r} names no tensors; e.g. save:attn_out,mlp_hidden")
+  if base not in ("save", "offload"):
+    _need(not colon, "remat.policy", f"{policy!r}: {base} takes no tensor names (only save: and offload: do)")
+    return
+  names = [n.strip() for n in rest.split(",")]
+  _need(any(names), "remat.policy", f"{policy!r} names no tensors; e.g. save:attn_out,mlp_hidden")
+  _need(all(names), "remat.policy", f"{policy!r} has an empty name between commas")
+  known = remat_tags(config)
+  unknown = sorted(set(names) - known)
+  _need(not unknown, "remat.policy",
+        f"{policy!r}: model {config.model.name!r} has no tensor(s) tagged {unknown}; it tags {sorted(known) or 'none'}")
+
+
+def _check_mesh(ms: ml_collections.ConfigDict) -> None:
+  _need(ms.num_devices >= 0, "mesh.num_devices", f"must be >= 0 (0 = all devices), got {ms.num_devices}")
+  for f in ("data", "fsdp", "tensor"):
+    _need(ms[f] == -1 or ms[f] >= 1, f"mesh.{f}", f"must be >= 1, or -1 for the devices left over; got {ms[f]}")
+  _need(ms.num_processes >= 0, "mesh.num_processes", f"must be >= 0, got {ms.num_processes}")
+  _need(ms.process_id >= -1, "mesh.process_id", f"must be >= 0, or -1 when unset; got {ms.process_id}")
+  if ms.process_id >= 0:
+    _need(ms.num_processes >= 1, "mesh.process_id",
+          f"is {ms.process_id}: also set mesh.num_processes (and mesh.coordinator_address)")
+  if ms.num_processes:
+    _need(ms.process_id < ms.num_processes, "mesh.process_id",
+          f"{ms.process_id} is not below mesh.num_processes={ms.num_processes}")
+  example = '[["batch", ["data", "fsdp"]], ["embed", "fsdp"], ["latent", null]]'
+  seen = set()
+  for rule in ms.rules:
+    _need(isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str), "mesh.rules",
+          f"each rule is a pair (logical axis, mesh axis or list of them or null); got {rule!r}, e.g. {example}")
+    axes = rule[1] if isinstance(rule[1], (tuple, list)) else [rule[1]]
+    for ax in axes:
+      _need(ax is None or ax in MESH_AXES, "mesh.rules",
+            f"rule {rule!r}: {ax!r} is not a mesh axis; mesh axes are {MESH_AXES} (or null)")
+    _need(rule[0] not in seen, "mesh.rules", f"logical axis {rule[0]!r} has two rules")
+    seen.add(rule[0])
+
+
+def _check_text_files(spec: str) -> None:
+  """The corpus layout of `data.text_files` resolves (files exist, are not empty, splits are named), before any build.
+
+  wm.data.corpus raises a CorpusError (a ConfigError) naming the path and the fix.
+  """
+  from wm.data import corpus  # light: no TFDS or grain
+  corpus.layout(spec)
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

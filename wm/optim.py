@@ -14,23 +14,25 @@ import optax
 def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """Linear warmup to `optim.lr`, then cosine, inverse-sqrt or constant.
 
-  Inverse-sqrt is the schedule of Vaswani et al. 2017: lr * sqrt(warmup / step)
-  after warmup, continuous at the end of warmup.
+  Cosine is optax's `warmup_cosine_decay_schedule`: it decays over the
+  `total_steps - warmup` steps after warmup to `lr * min_lr_ratio`
+  (Loshchilov & Hutter 2017, without restarts). Inverse-sqrt is the schedule
+  of Vaswani et al. 2017: lr * sqrt(warmup / step) after warmup, continuous at
+  the end of warmup.
   """
   warmup = max(int(optim.warmup_steps), 0)
   peak = float(optim.lr)
-  warm = optax.linear_schedule(0.0, peak, warmup) if warmup else optax.constant_schedule(peak)
   if optim.schedule == "cosine":
-    decay_steps = max(total_steps - warmup, 1)
-    after = optax.cosine_decay_schedule(peak, decay_steps, alpha=float(optim.min_lr_ratio))
-  elif optim.schedule == "inverse_sqrt":
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, warmup + max(total_steps - warmup, 1),
+                                              end_value=peak * float(optim.min_lr_ratio))
+  if optim.schedule == "inverse_sqrt":
     scale = max(warmup, 1)
     after = lambda step: peak * (scale / (step + scale)) ** 0.5
   else:
     after = optax.constant_schedule(peak)
   if not warmup:
     return after
-  return optax.join_schedules([warm, after], boundaries=[warmup])
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], boundaries=[warmup])
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:

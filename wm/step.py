@@ -32,6 +32,9 @@ from wm import models, optim, parallel
 
 State = dict[str, Any]
 
+# Metrics that are counts summed over batches, not weighted means.
+TOTALS = ("weight", "examples")
+
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
@@ -170,6 +173,37 @@ def _microbatches(batch, m: int, rules):
   return jax.tree.map(split, batch)
 
 
+def _global_batch_stats(graphdef, state: State, micro: dict, keys: jax.Array, kwargs: dict) -> Any:
+  """Sums over the whole global batch of the statistics a model's loss is nonlinear in, or None.
+
+  A loss term that is nonlinear in a batch mean (free bits: sum_d max(lambda,
+  mean_b KL_bd), Kingma et al. 2016) is not a sum over examples, so summing
+  microbatch gradients would apply it per microbatch and change the
+  objective. Models with such terms expose `batch_statistics(batch, rngs,
+  **kwargs)` (additive sums, computed with the same latent samples as the
+  loss) and accept them back as `loss(..., batch_stats=...)`. This costs one
+  extra forward pass over the microbatches, only for models that ask for it.
+  """
+  model = nnx.merge(graphdef, state["params"], state["rest"])
+  if not getattr(model, "needs_batch_statistics", False):
+    return None
+
+  def stats_of(params, rest, microbatch, k):
+    return nnx.merge(graphdef, params, rest).batch_statistics(microbatch, rngs=nnx.Rngs(k), **kwargs)
+
+  # The parameters ride in the carry so the model is merged from values of the
+  # scan's own trace level (NNX refuses to mix levels inside its transforms).
+  def body(carry, xs):
+    acc, params, rest = carry
+    k, microbatch = xs
+    return (jax.tree.map(jnp.add, acc, stats_of(params, rest, microbatch, k)), params, rest), None
+
+  first = jax.tree.map(lambda x: x[0], micro)
+  zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(stats_of, state["params"], state["rest"], first, keys[0]))
+  (stats, _, _), _ = jax.lax.scan(body, (zeros, state["params"], state["rest"]), (keys, micro))
+  return jax.lax.stop_gradient(stats)
+
+
 def make_train_step(setup: Setup) -> Callable[[State, dict], tuple[State, dict]]:
   """The jitted train step: microbatched gradients, clipping, optimizer update.
 
@@ -183,34 +217,53 @@ def make_train_step(setup: Setup) -> Callable[[State, dict], tuple[State, dict]]
 
   def step_fn(state: State, batch: dict) -> tuple[State, dict]:
     key = jax.random.fold_in(state["rng"], state["step"])
+    kwargs = _loss_kwargs(setup, state["step"])
 
-    def weighted_loss(params, microbatch, k):
+    def weighted_loss(params, microbatch, k, batch_stats):
       model = nnx.merge(graphdef, params, state["rest"])
-      loss, metrics = model.loss(microbatch, train=True, rngs=nnx.Rngs(k), **_loss_kwargs(setup, state["step"]))
+      extra = {} if batch_stats is None else {"batch_stats": batch_stats}
+      loss, metrics = model.loss(microbatch, train=True, rngs=nnx.Rngs(k), **kwargs, **extra)
       return loss * metrics["weight"], _weighted_sum(metrics)
 
     grad_fn = jax.value_and_grad(weighted_loss, has_aux=True)
     if m == 1:
-      (_, sums), grads = grad_fn(state["params"], batch, key)
+      (_, sums), grads = grad_fn(state["params"], batch, key, None)
     else:
+      micro = _microbatches(batch, m, setup.rules)
+      keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(m))
+      batch_stats = _global_batch_stats(graphdef, state, micro, keys, kwargs)
+
       def body(carry, xs):
         grads_acc, sums_acc = carry
-        i, microbatch = xs
-        (_, sums), grads = grad_fn(state["params"], microbatch, jax.random.fold_in(key, i))
+        k, microbatch = xs
+        (_, sums), grads = grad_fn(state["params"], microbatch, k, batch_stats)
         return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
 
       zeros = jax.tree.map(jnp.zeros_like, state["params"])
-      first = jax.tree.map(lambda x: x[0], _microbatches(batch, m, setup.rules))
+      first = jax.tree.map(lambda x: x[0], micro)
       sums0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-          lambda: grad_fn(state["params"], first, key)[0][1]))
-      (grads, sums), _ = jax.lax.scan(body, (zeros, sums0), (jnp.arange(m), _microbatches(batch, m, setup.rules)))
+          lambda: grad_fn(state["params"], first, key, batch_stats)[0][1]))
+      (grads, sums), _ = jax.lax.scan(body, (zeros, sums0), (keys, micro))
     total = jnp.maximum(sums["weight"], 1e-9)
     grads = jax.tree.map(lambda g: g / total, grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = _finish(sums)
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    # Non-finite guard, decided here so the host needs no extra round trip: a step
+    # whose loss, gradient norm or new parameters are not finite keeps the old
+    # parameters and optimizer state (a select, no branch), so the train state is
+    # finite by construction and a checkpoint of non-finite state cannot be
+    # written. The host reads the "nonfinite" flag one step late (see wm.train)
+    # and stops or counts the skip.
+    param_norm = optax.tree.norm(params)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
+    metrics["grad_norm"] = grad_norm
+    metrics["param_norm"] = param_norm
     metrics["lr"] = schedule(state["step"])
+    metrics["nonfinite"] = jnp.logical_not(finite).astype(jnp.int32)
     new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
     return new_state, metrics
 
@@ -232,7 +285,10 @@ def make_eval_step(setup: Setup) -> Callable[[State, dict, jax.Array], dict]:
   def eval_fn(params, rest, batch, key):
     model = nnx.merge(graphdef, params, rest)
     _, metrics = model.loss(batch, train=False, rngs=nnx.Rngs(key))
-    return _weighted_sum(metrics)
+    sums = _weighted_sum(metrics)
+    # Examples with at least one scored token; weight-0 padding rows do not count.
+    sums["examples"] = jnp.sum((jnp.sum(batch["weights"], axis=-1) > 0).astype(jnp.float32))
+    return sums
 
   jitted = jax.jit(eval_fn, in_shardings=(setup.state_shardings["params"], setup.state_shardings["rest"],
                                           setup.batch_sharding, parallel.replicated(setup.mesh)),
@@ -246,14 +302,14 @@ def make_eval_step(setup: Setup) -> Callable[[State, dict, jax.Array], dict]:
 
 
 def finish_sums(sums: dict[str, Any]) -> dict[str, Any]:
-  """Weighted sums accumulated over batches -> means (weight stays a total).
+  """Weighted sums accumulated over batches -> means (weight and examples stay totals).
 
   Vector metrics (e.g. a mixture's per-component usage) become lists.
   """
   w = max(float(sums["weight"]), 1e-9)
   out = {}
   for k, v in sums.items():
-    v = np.asarray(v, np.float64) if k == "weight" else np.asarray(v, np.float64) / w
+    v = np.asarray(v, np.float64) if k in TOTALS else np.asarray(v, np.float64) / w
     out[k] = float(v) if v.ndim == 0 else v.tolist()
   return out
 

@@ -3,14 +3,20 @@
 `train_and_evaluate(config, workdir)` is the one entry point used by the CLI,
 the tests and the experiments. A run leaves in `workdir`:
 
-    config.json        the validated config (and the memory plan, if a budget was given)
-    metrics.jsonl      one JSON object per logged step: {"step", "split", "loss", ...}
-    tensorboard/       TensorBoard event files
-    checkpoints/       Orbax checkpoints: train state + data iterator state
+    config.json          the validated config (and the memory plan, if a budget was given)
+    config_history.jsonl the config of every later run that resumed here
+    metrics.jsonl        one JSON object per logged step: {"step", "split", "loss", ...}
+    tensorboard/         TensorBoard event files
+    checkpoints/         Orbax checkpoints: train state + data iterator state, each with
+                         a manifest of checksums (wm.checkpoints); quarantine/ holds bad ones
+    lock                 while a run is using the workdir (wm.workdir)
 
 Running the same command again on the same workdir resumes from the latest
-checkpoint (parameters, optimizer state, RNG, data position), so a resumed run
-ends exactly where an uninterrupted one would.
+checkpoint that verifies (parameters, optimizer state, RNG, data position), so
+a resumed run ends exactly where an uninterrupted one would; a finished run
+trains nothing and returns its last evaluation. A non-finite loss or gradient
+never reaches the train state (see `wm.step.make_train_step`): the run stops,
+or with `train.on_nonfinite=skip_batch` drops that update and goes on.
 """
 
 from __future__ import annotations
@@ -28,69 +34,20 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from wm import checkpoints as ckpt_lib
 from wm import config as config_lib
 from wm import parallel, step as step_lib
+from wm import workdir as workdir_lib
 from wm.data import pipeline
 from wm.memory import measure
 
-# Fields that fix the shapes and meaning of a checkpoint. A workdir holding
-# checkpoints made with different values cannot be resumed by this config.
-_STATE_FIELDS = ("model", "data.vocab_size", "data.task", "precision.param_dtype", "optim.name")
+
+IncompatibleWorkdir = workdir_lib.IncompatibleWorkdir
+WorkdirError = workdir_lib.WorkdirError
 
 
-class IncompatibleWorkdir(ValueError):
-  """The workdir holds checkpoints of a different model."""
-
-
-def _lookup(tree: dict, dotted: str):
-  for part in dotted.split("."):
-    tree = tree.get(part, {}) if isinstance(tree, dict) else {}
-  return tree
-
-
-def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses to touch a workdir whose checkpoints belong to another model.
-
-  Runs before anything is compiled, and before anything in the workdir is written.
-  """
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  saved_path = os.path.join(workdir, "config.json")
-  has_ckpt = os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir))
-  if not has_ckpt:
-    return
-  if not os.path.exists(saved_path):
-    raise IncompatibleWorkdir(f"{workdir} has checkpoints but no config.json; cannot tell whether they fit this "
-                              f"config. Use a new --workdir (nothing in {workdir} was changed).")
-  with open(saved_path) as f:
-    saved = json.load(f)
-  new = config.to_dict()
-  diffs = []
-  for field in _STATE_FIELDS:
-    old_v, new_v = _lookup(saved, field), _lookup(new, field)
-    if isinstance(old_v, dict) and isinstance(new_v, dict):
-      for k in sorted(set(old_v) | set(new_v)):
-        if _jsonable(old_v.get(k)) != _jsonable(new_v.get(k)):
-          diffs.append(f"{field}.{k}: checkpoint {old_v.get(k)!r}, now {new_v.get(k)!r}")
-    elif _jsonable(old_v) != _jsonable(new_v):
-      diffs.append(f"{field}: checkpoint {old_v!r}, now {new_v!r}")
-  if diffs:
-    raise IncompatibleWorkdir(
-        f"{workdir} holds checkpoints of a different model, so this run cannot resume there:\n  "
-        + "\n  ".join(diffs)
-        + f"\nUse a new --workdir, or the original config to resume. Nothing in {workdir} was changed.")
-
-
-def _jsonable(x):
-  return json.loads(json.dumps(x, default=str))
-
-
-def _write_config(config: ml_collections.ConfigDict, workdir: str, extra: dict[str, Any]) -> None:
-  record = config.to_dict()
-  record.update(extra)
-  tmp = os.path.join(workdir, "config.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(record, f, indent=2, default=str)
-  os.replace(tmp, os.path.join(workdir, "config.json"))
+class NonFiniteLoss(RuntimeError):
+  """Training produced a non-finite loss or gradient and the run stopped (its state stays finite)."""
 
 
 class Records:
@@ -111,6 +68,8 @@ class Records:
     if not self.enabled:
       return
     line = {"step": int(step), "split": split, **metrics}
+    # A non-finite float becomes null: NaN is not JSON, and readers other than Python's reject it.
+    line = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in line.items()}
     self.file.write(json.dumps(line) + "\n")
     self.file.flush()
     if self.writer is not None:
@@ -157,49 +116,119 @@ def eval_indices(num_examples: int, batch_size: int, max_batches: int) -> np.nda
   return np.sort(rng.choice(num_examples, size=wanted, replace=False))
 
 
-def _eval_batches(config: ml_collections.ConfigDict, max_batches: int):
+def _eval_batches(config: ml_collections.ConfigDict):
   """This process's rows of each global evaluation batch (numpy dicts).
 
   Rows are dealt to processes as the training iterator deals them (global row
-  r to process r mod process_count). The last batch is filled with weight-0
-  copies of an example, so every chosen example is scored exactly once.
+  r to process r mod process_count). The last batch is padded with weight-0
+  rows, so every chosen example is scored exactly once.
   """
   source = pipeline.examples(config, "validation")
   batch, count, index = config.data.batch_size, jax.process_count(), jax.process_index()
-  order = eval_indices(len(source), batch, max_batches)
+  order = eval_indices(len(source), batch, config.train.eval_batches)
   for start in range(0, len(order), batch):
-    rows = [source[int(i)] for i in order[start:start + batch][index::count]]
-    pad = {k: np.zeros_like(v) for k, v in source[int(order[0])].items()}
-    rows += [pad] * (batch // count - len(rows))
-    yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    rows = order[start:start + batch]
+    rows = np.concatenate([rows, np.full(batch - len(rows), len(source))])  # past the end: padding rows
+    yield pipeline.read_rows(source, rows[index::count])
 
 
-def evaluate(config, setup, state, eval_step, *, max_batches: int = 0) -> dict[str, Any]:
-  """Mean metrics over the validation split, or over a seeded sample of `max_batches` batches of it.
+def evaluate(config, setup, state, eval_step) -> dict[str, Any]:
+  """Mean metrics over the validation split, or a fixed sample of `train.eval_batches` batches of it.
 
-  The result holds `eval_tokens` (scored target tokens) and `eval_examples`.
+  Returns:
+    The model's metrics (nats per token), plus `eval_tokens` (the summed target
+    weights scored) and `eval_examples` (examples with at least one scored token).
   """
   key = jax.random.PRNGKey(config.seed + 2)  # the same latent samples at every evaluation
-  sums, examples = None, 0
-  for i, local in enumerate(_eval_batches(config, max_batches)):
-    examples += int(np.sum(np.any(local["weights"] > 0, axis=1)))
+  sums = None
+  for i, local in enumerate(_eval_batches(config)):
     out = eval_step(state, step_lib.global_batch(setup, local), jax.random.fold_in(key, i))
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   if sums is None:
     raise ValueError(f"the validation split of {config.data.task!r} is empty; raise data.eval_size "
-                     f"or give the validation split more text")
-  metrics = _derived(config, step_lib.finish_sums(jax.device_get(sums)))
-  if jax.process_count() > 1:  # each process counted its own rows
-    from jax.experimental import multihost_utils
-    examples = int(np.sum(multihost_utils.process_allgather(np.array([examples]))))
+                     f"or give the corpus a validation part")
+  metrics = step_lib.finish_sums(jax.device_get(sums))
   metrics["eval_tokens"] = int(round(metrics["weight"]))
-  metrics["eval_examples"] = examples
-  return metrics
+  metrics["eval_examples"] = int(metrics.pop("examples"))
+  return _derived(config, metrics)
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def _broadcast_int(value: int) -> int:
+  """Process 0's `value` on every process."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+
+
+def _restore(config, setup, ckpt_dir: str, workdir: str, signature: dict[str, Any], is_main: bool):
+  """The newest checkpoint that verifies and fits this config: (step, state, meta), or None.
+
+  Order matters: the files are only read until the config is known to fit
+  (a refused run changes nothing); then process 0 quarantines the steps that
+  failed their checksums, and every process restores the newest good step.
+  A step that still fails to restore (or, unverified, holds non-finite
+  numbers) is quarantined too and the previous one tried (one process only;
+  with several, the run stops and names the step to move aside).
+  """
+  candidates, bad = ckpt_lib.scan(ckpt_dir)
+  for step, _ in candidates:
+    try:
+      with ocp.CheckpointManager(os.path.abspath(ckpt_dir)) as manager:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception:  # unreadable metadata: this step is handled (quarantined) below  # pylint: disable=broad-except
+      continue
+    workdir_lib.check_compatible(meta.get("signature"), signature, workdir, step,
+                                 workdir_lib.read_saved_config(workdir), config)
+    break
+  _barrier("wm_scanned")  # every process has read the files before process 0 moves any
+  if is_main:
+    for step, reason in bad:
+      ckpt_lib.quarantine(ckpt_dir, step, reason)
+  _barrier("wm_quarantined")
+  while candidates:
+    step, verified = candidates[0]
+    step_dir = os.path.join(ckpt_dir, str(step))
+    try:
+      with ocp.CheckpointManager(os.path.abspath(ckpt_dir)) as manager:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(setup.abstract_state), meta=ocp.args.JsonRestore()))
+      problem = None if verified or _finite(restored["state"]) else "it holds non-finite numbers"
+    except Exception as e:  # Orbax raises many types for unreadable or partial files  # pylint: disable=broad-except
+      problem = f"it does not restore ({type(e).__name__}: {str(e)[:200]})"
+    if problem is None:
+      if is_main and not verified:
+        ckpt_lib.write_manifest(step_dir)  # restored and finite: from now on it is checked like the others
+      _barrier("wm_restored")
+      return step, restored["state"], restored["meta"]
+    if jax.process_count() > 1:
+      raise RuntimeError(f"checkpoint {step_dir}: {problem}. Move it to {ckpt_dir}/{ckpt_lib.QUARANTINE}/ "
+                         f"and rerun to resume from the previous one.")
+    ckpt_lib.quarantine(ckpt_dir, step, problem)
+    candidates, bad = ckpt_lib.scan(ckpt_dir)
+    for bad_step, reason in bad:
+      ckpt_lib.quarantine(ckpt_dir, bad_step, reason)
+  return None
+
+
+def _finite(tree) -> bool:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_after_step: int | None = None) -> dict[str, Any]:
   """Trains `config`, writing records and checkpoints to `workdir`; resumes if it can.
+
+  Everything knowable from the config and the filesystem is checked before a
+  dataset is built, anything is compiled or the workdir is created; the
+  workdir is then locked for this run (process 0 holds the lock).
 
   Args:
     config: a config from `configs/`, with overrides applied.
@@ -209,103 +238,237 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       slices under a job-time limit; tests use it to check exact resumption.
 
   Returns:
-    The last evaluation metrics.
+    {"state": the train state, "eval": the last evaluation metrics, "step": the last step}.
+
+  Raises:
+    ConfigError, WorkdirError, IncompatibleWorkdir, DatasetNotPrepared: bad input,
+      found before training starts.
+    NonFiniteLoss: the loss or gradient became non-finite (after
+      `train.max_skipped_in_row` in a row with `on_nonfinite=skip_batch`);
+      the checkpoints hold finite state only.
   """
   config = config_lib.validate(config)
+  workdir_lib.check_path(workdir)
   parallel.maybe_initialize_distributed(config.mesh)
   plan_record = {}
   if config.train.budget:
     from wm.memory import plan as plan_lib  # the planner compiles; import only when asked
     config, plan_record = plan_lib.apply(config, config_lib.parse_bytes(config.train.budget))
-  check_workdir(config, workdir)
   pipeline.prepare(config)  # fails with the command to run when a dataset is missing
+  for split in ("train", "validation"):  # before anything compiles
+    if len(pipeline.examples(config, split)) == 0:
+      raise config_lib.ConfigError(
+          f"the {split} split of {config.data.task!r} holds no example of data.seq_len={config.data.seq_len} "
+          f"tokens; lower data.seq_len or give that split more data")
+  setup = step_lib.make_setup(config)  # a mesh that does not fit the parameters fails here
 
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  setup = step_lib.make_setup(config)
-  if is_main:
-    _write_config(config, workdir, {"memory_plan": plan_record} if plan_record else {})
+  created = not os.path.exists(workdir)
+  lock = workdir_lib.Lock(workdir)
+  try:
+    refused = None
+    if is_main:
+      try:
+        os.makedirs(workdir, exist_ok=True)
+        lock.acquire()
+      except (WorkdirError, OSError) as e:
+        refused = e
+    # Every process learns process 0's answer (the others would otherwise wait for it in a collective).
+    if not _broadcast_int(0 if refused is not None else 1):
+      raise refused if refused is not None else WorkdirError(
+          f"{workdir} is in use by another run (process 0 could not lock it)")
+    return _run(config, setup, workdir, plan_record, stop_after_step, is_main)
+  except BaseException:
+    lock.release()
+    if created and is_main and os.path.isdir(workdir) and not os.listdir(workdir):
+      os.rmdir(workdir)  # a run refused before writing anything leaves no empty workdir behind
+    raise
+  finally:
+    lock.release()
 
-  manager = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.train.max_to_keep, create=True))
+
+def _run(config, setup, workdir: str, plan_record: dict[str, Any], stop_after_step: int | None,
+         is_main: bool) -> dict[str, Any]:
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  signature = workdir_lib.signature(config, setup.abstract_state, jax.process_count())
+  record = config.to_dict()
+  if plan_record:
+    record["memory_plan"] = plan_record
+  restored = _restore(config, setup, ckpt_dir, workdir, signature, is_main)
   train_iter = pipeline.make_iterator(config, "train", shuffle=True, num_epochs=None)
-  latest = manager.latest_step()
-  if latest is not None:
-    try:
-      restored = manager.restore(latest, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(setup.abstract_state), meta=ocp.args.JsonRestore()))
-    except Exception as e:  # Orbax raises many types for unreadable or partial files
-      where = os.path.join(manager.directory, str(latest))
-      raise RuntimeError(
-          f"checkpoint {where} could not be restored: {type(e).__name__}: {str(e)[:300]}\n"
-          f"It is corrupt, incomplete or from another model. Move it aside (mv {where} {where}.bad) to resume "
-          f"from the previous checkpoint, or use a new --workdir. Nothing was deleted.") from e
-    state = restored["state"]
-    pipeline.restore_iterator_state(train_iter, restored["meta"]["data_iterator"][jax.process_index()])
-    logging.info("resumed from %s at step %d", manager.directory, latest)
+  if restored is not None:
+    start, state, meta = restored
+    pipeline.restore_iterator_state(train_iter, meta["data_iterator"][jax.process_index()])
+    logging.info("resumed from %s at step %d", ckpt_dir, start)
   else:
-    state = step_lib.init_state(setup)
+    start, state = 0, step_lib.init_state(setup)
+  if is_main:  # the run is accepted: only now is anything in the workdir written
+    workdir_lib.record_config(workdir, record, start if restored is not None else None)
+    workdir_lib.cut_metrics(workdir, start if restored is not None else None)
 
+  manager = ocp.CheckpointManager(os.path.abspath(ckpt_dir),
+                                  options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True))
+  saver = ckpt_lib.Saver(manager, ckpt_dir, config.train.max_to_keep, is_main, _barrier)
+  saver.last_good = start if restored is not None else None
   train_step = step_lib.make_train_step(setup)
   eval_step = step_lib.make_eval_step(setup)
   records = Records(workdir, is_main)
+  try:
+    return _loop(config, setup, workdir, state, start, train_iter, train_step, eval_step, saver, records,
+                 signature, stop_after_step, is_main)
+  finally:
+    records.close()
+    saver.close()
+
+
+def _loop(config, setup, workdir, state, start, train_iter, train_step, eval_step, saver, records, signature,
+          stop_after_step, is_main) -> dict[str, Any]:
+  total, t = config.train.steps, config.train
   tokens_per_step = config.data.batch_size * config.data.seq_len
-  start = int(jax.device_get(state["step"]))
-  total = config.train.steps
   last_eval: dict[str, Any] = {}
 
   def save(step: int) -> None:
-    iter_states = _gather_iterator_states(train_iter)
-    manager.save(step, args=ocp.args.Composite(
+    saver.save(step, ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        meta=ocp.args.JsonSave({"step": step, "data_iterator": iter_states})), force=True)
+        meta=ocp.args.JsonSave({"step": step, "data_iterator": _gather_iterator_states(train_iter),
+                                "signature": signature})))
 
-  if start == 0 and total > 0:
-    last_eval = evaluate(config, setup, state, eval_step, max_batches=config.train.eval_batches)
+  if start >= total:
+    # Finished already: train nothing, and return the evaluation logged at the end.
+    last_eval = workdir_lib.last_eval(workdir, start) or {}
+    if not last_eval and total > 0:
+      last_eval = evaluate(config, setup, state, eval_step)
+      records.write(start, "eval", last_eval)
+    return {"state": state, "eval": last_eval, "step": start}
+  if start == 0:
+    last_eval = evaluate(config, setup, state, eval_step)
     records.write(0, "eval", last_eval)
 
+  guard = _NonFiniteGuard(config, saver, records, os.path.join(workdir, "checkpoints"))
   bar = None
-  if is_main and config.train.progress and total > start:
+  if is_main and t.progress:
     from tqdm import tqdm
     bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
   window, t_window = [], time.perf_counter()
   step = start
-  for step in range(start + 1, total + 1):
-    local = next(train_iter)
-    state, metrics = train_step(state, step_lib.global_batch(setup, local))
-    window.append(metrics)
-    if step % config.train.log_every == 0 or step == total:
-      means = jax.device_get(jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs), axis=0), *window))
-      elapsed = time.perf_counter() - t_window
-      line = {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()) for k, v in means.items()}
-      line["tokens_per_s"] = len(window) * tokens_per_step / elapsed
-      line["step_time_s"] = elapsed / len(window)
-      peak = measure.device_peak_bytes()
-      if peak is not None:
-        line["device_peak_bytes"] = peak
-      records.write(step, "train", _derived(config, line))
+  try:
+    for step in range(start + 1, total + 1):
+      local = next(train_iter)
+      state, metrics = train_step(state, step_lib.global_batch(setup, local))
+      # The flag of the step before this one: this step is already queued on the
+      # device, so waiting for one bool of the previous step costs no idle time.
+      guard.check_previous()
+      guard.pending = (step, metrics)
+      window.append(metrics)
+      if step % t.log_every == 0 or step == total:
+        guard.check_previous()  # the means below read this step anyway
+        records.write(step, "train", _derived(config, _window_line(window, time.perf_counter() - t_window,
+                                                                   tokens_per_step)))
+        if bar is not None:
+          bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+        window, t_window = [], time.perf_counter()
       if bar is not None:
-        bar.set_postfix(loss=f"{line['loss']:.4f}", tok_s=f"{line['tokens_per_s']:.0f}")
-      window, t_window = [], time.perf_counter()
+        bar.update(1)
+      if step % t.eval_every == 0 or step == total:
+        last_eval = evaluate(config, setup, state, eval_step)
+        records.write(step, "eval", last_eval)
+        t_window = time.perf_counter()  # evaluation time is not training throughput
+      if step % t.checkpoint_every == 0 or step == total or step == stop_after_step:
+        guard.check_previous()  # never checkpoint past an unchecked step
+        save(step)
+      if stop_after_step is not None and step >= stop_after_step:
+        break
+    guard.check_previous()
+  finally:
     if bar is not None:
-      bar.update(1)
-    if step % config.train.eval_every == 0 or step == total:
-      last_eval = evaluate(config, setup, state, eval_step, max_batches=config.train.eval_batches)
-      records.write(step, "eval", last_eval)
-      t_window = time.perf_counter()  # evaluation time is not training throughput
-    if step % config.train.checkpoint_every == 0 or step == total or step == stop_after_step:
-      save(step)
-    if stop_after_step is not None and step >= stop_after_step:
-      break
-  manager.wait_until_finished()
-  manager.close()
-  if bar is not None:
-    bar.close()
-  records.close()
+      bar.close()
   if not last_eval and total > 0:
-    last_eval = evaluate(config, setup, state, eval_step, max_batches=config.train.eval_batches)
+    last_eval = evaluate(config, setup, state, eval_step)
   return {"state": state, "eval": last_eval, "step": step}
+
+
+def _window_line(window: list[dict[str, Any]], elapsed: float, tokens_per_step: int) -> dict[str, Any]:
+  """Means of the logged window's metrics; non-finite steps are counted, not averaged."""
+  skipped = sum(int(m["nonfinite"]) for m in window)
+  means = jax.device_get(jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs), axis=0),
+                                      *[{k: v for k, v in m.items() if k != "nonfinite"} for m in window]))
+  line = {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()) for k, v in means.items()}
+  line["nonfinite_steps"] = skipped
+  line["tokens_per_s"] = len(window) * tokens_per_step / elapsed
+  line["step_time_s"] = elapsed / len(window)
+  peak = measure.device_peak_bytes()
+  if peak is not None:
+    line["device_peak_bytes"] = peak
+  return line
+
+
+class _NonFiniteGuard:
+  """Reads each step's non-finite flag (one step late) and stops or counts skips.
+
+  The train step already dropped the update of a non-finite step (wm.step), so
+  the state is finite whatever happens here.
+  """
+
+  def __init__(self, config, saver, records, ckpt_dir: str):
+    self.action, self.limit = config.train.on_nonfinite, config.train.max_skipped_in_row
+    self.lr = config.optim.lr
+    self.saver, self.records, self.ckpt_dir = saver, records, ckpt_dir
+    self.pending: tuple[int, dict[str, Any]] | None = None
+    self.in_row = 0
+
+  def check_previous(self) -> None:
+    if self.pending is None:
+      return
+    step, metrics = self.pending
+    self.pending = None
+    if not int(metrics["nonfinite"]):
+      self.in_row = 0
+      return
+    self.in_row += 1
+    loss, grad = float(metrics["loss"]), float(metrics["grad_norm"])
+    if self.action == "skip_batch" and self.in_row < self.limit:
+      logging.warning("step %d: loss %s, gradient norm %s: update dropped (%d in a row; stop at %d)",
+                      step, loss, grad, self.in_row, self.limit)
+      return
+    self.records.write(step, "train", {"loss": loss, "grad_norm": grad, "nonfinite_steps": self.in_row,
+                                       "stopped": "nonfinite"})
+    self.saver.finish()  # the last save in flight is good: complete it, so it can be named
+    last = self.saver.last_good
+    where = (f"the last good checkpoint is {os.path.join(self.ckpt_dir, str(last))} (step {last}); rerunning the "
+             f"same command resumes from it" if last is not None else "no checkpoint was written yet")
+    why = (f"{self.in_row} steps in a row were non-finite" if self.action == "skip_batch"
+           else "train.on_nonfinite=stop")
+    raise NonFiniteLoss(
+        f"step {step}: loss {loss}, gradient norm {grad}: not finite, so the run stopped ({why}); that update "
+        f"was not applied and no non-finite state was saved. {where[0].upper() + where[1:]}. Lower optim.lr "
+        f"(now {self.lr}), keep optim.clip_norm > 0, or set train.on_nonfinite=skip_batch to drop such batches.")
+
+
+def check_generate_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses, in one message, a workdir with no usable checkpoint or one of another model (for `generate`)."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(workdir):
+    raise WorkdirError(f"--workdir {workdir} does not exist; train first: python -m wm train --config ... "
+                       f"--workdir {workdir}")
+  candidates, bad = ckpt_lib.scan(ckpt_dir)
+  if bad and (not candidates or bad[0][0] > candidates[0][0]):
+    raise WorkdirError(f"the latest checkpoint in {ckpt_dir} (step {bad[0][0]}) is damaged: {bad[0][1]}. Run "
+                       f"`python -m wm train` on this workdir once: it quarantines it and resumes from the previous one.")
+  if not candidates:
+    raise WorkdirError(f"{workdir} has no usable checkpoint in {ckpt_dir}; train first (or resume) with "
+                       f"python -m wm train --config ... --workdir {workdir}")
+  single = ml_collections.ConfigDict(config.to_dict())
+  single.mesh.update(num_devices=1, data=1, fsdp=1, tensor=1)
+  setup = step_lib.make_setup(single, parallel.make_mesh(single.mesh, jax.devices()[:1]))
+  step = candidates[0][0]
+  with ocp.CheckpointManager(os.path.abspath(ckpt_dir)) as manager:
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  saved = meta.get("signature")
+  if saved is not None:
+    now = workdir_lib.signature(single, setup.abstract_state, 1)
+    # Sampling needs the parameters only; the data stream does not matter here.
+    workdir_lib.check_compatible({"state": saved["state"], "data": {}}, {"state": now["state"], "data": {}},
+                                 workdir, step, workdir_lib.read_saved_config(workdir), config)
 
 
 def _gather_iterator_states(train_iter) -> list[Any]:

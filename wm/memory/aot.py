@@ -73,6 +73,69 @@ def topology_mesh(config: ml_collections.ConfigDict, topology: str):
   return topologies.make_mesh(desc, tuple(sizes[a] for a in parallel.AXES), parallel.AXES)
 
 
+def target_mesh(config: ml_collections.ConfigDict, target: str | None = None):
+  """(mesh, backend) to compile `config` for: this host's devices, or a described accelerator.
+
+  Args:
+    config: its mesh section sets the axes; `mesh.num_devices` (0 = all) picks
+      how many of the target's devices the mesh spans.
+    target: None or "cpu" (this host's devices), a TPU topology ("v5e:2x2",
+      "v6e:4x4", ...; needs libtpu), or "gpu"/"h100:N" (needs a GPU compiler:
+      a CUDA jaxlib plugin and a GPU target description; not available on a
+      CPU-only install, which is said, not guessed).
+  """
+  from jax.sharding import Mesh
+  import numpy as np
+  from wm import parallel
+  if target in (None, "", "cpu", "local"):
+    return parallel.make_mesh(config.mesh), jax_backend()
+  generation = target.split(":", 1)[0].lower()
+  if generation in ("gpu", "h100", "a100", "h200", "b200"):
+    raise ConfigError(f"--target {target!r}: compiling for a GPU from this host needs the CUDA compiler plugin "
+                      f"(jax-cuda12-plugin) and a GPU target description, which this installation does not have "
+                      f"(see docs/memory.md, 'GPU targets'); run on a GPU host with --target local instead")
+  if not libtpu_available():
+    raise ConfigError(f"--target {target!r} needs the TPU compiler (libtpu): {INSTALL_HINT}")
+  from jax.experimental import topologies
+  _quiet_libtpu(target)
+  try:
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=target)
+  except Exception as e:  # libtpu raises JaxRuntimeError / ValueError with its own wording
+    raise ConfigError(f"libtpu could not describe --target {target!r}: {e}\n"
+                      f"Topologies look like v5e:2x2, v5e:4x4, v6e:2x2, v5p:2x2x1, v4:2x2x1") from e
+  devices = list(desc.devices)
+  n = config.mesh.num_devices or len(devices)
+  if n > len(devices):
+    raise ConfigError(f"config.mesh.num_devices={n} but topology {target} has {len(devices)} chips")
+  sizes = parallel.mesh_shape(config.mesh, n)
+  shape = tuple(sizes[a] for a in parallel.AXES)
+  if n == len(devices):
+    return topologies.make_mesh(desc, shape, parallel.AXES), "tpu"
+  return Mesh(np.asarray(devices[:n]).reshape(shape), parallel.AXES), "tpu"
+
+
+def target_backend(target: str | None) -> tuple[str, int | None]:
+  """(backend name, device count) of a target string, without starting its compiler.
+
+  None/"cpu"/"local" is this host's backend (device count: None, the caller
+  decides); "v5e:4x4" is ("tpu", 16); "h100:8" is ("gpu", 8).
+  """
+  if target in (None, "", "cpu", "local"):
+    return jax_backend(), None
+  generation, _, dims = target.partition(":")
+  count = 1
+  for n in re.findall(r"\d+", dims):
+    count *= int(n)
+  if generation.lower() in ("gpu", "h100", "a100", "h200", "b200"):
+    return "gpu", count
+  return "tpu", count
+
+
+def jax_backend() -> str:
+  import jax
+  return jax.default_backend()
+
+
 def compile_for_topology(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
   """Compiled per-device memory and FLOPs of the train step on a TPU topology.
 
@@ -97,6 +160,7 @@ def _table(record: dict[str, Any]) -> str:
     if value is not None:
       rows.append((name.replace("_size_in_bytes", "").replace("_in_bytes", ""), format_bytes(value)))
   rows.append(("total (arg+out-alias+temp)", format_bytes(record["total_bytes"])))
+  rows.append((f"bound ({record['bound_field']})", format_bytes(record["bound_bytes"])))
   rows.append(("estimate (wm.memory.estimate)", format_bytes(record["estimate"]["total"])))
   if record.get("flops") is not None:
     rows.append(("flops per device per step", f"{record['flops']:.4g}"))

@@ -26,9 +26,10 @@ accumulator.
 Transient: the largest working set on top of those: the loss head (logits
 and their gradient), or the backward pass of one layer (which, under remat,
 first recomputes that layer's forward). Unlike the saved counts these are
-not derivable from the model code alone (XLA fuses part of each
-recomputation into its consumers), so their coefficients are fitted to XLA's
-CPU buffer assignment and say so where they are defined. When the gradients
+not derivable from the model code alone (the compiler fuses part of each
+recomputation into its consumers and schedules differently per backend), so
+their coefficients live in `wm.memory.calibration`, one fitted table per
+backend; this module holds no fitted number. When the gradients
 exist and the activations are gone, the optimizer update needs one more
 gradient-sized buffer; if that moment is the larger one it is the peak
 (`phase == "update"`) and the activation term is zero there.
@@ -48,6 +49,7 @@ import ml_collections
 from flax import nnx
 
 from wm import models, parallel
+from wm.memory import calibration
 from wm.models import remat as remat_lib
 
 TERMS = ("params", "grads", "optimizer", "activations", "transient", "inputs")
@@ -70,6 +72,9 @@ class Estimate:
     num_devices, mesh: the device count and mesh axis sizes assumed.
     detail: the quantities the terms were computed from (parameter count,
       per-layer saved bytes, ...), for tables and tests.
+    host: saved activations an `offload:<tags>` policy keeps in host memory
+      on TPU/GPU, all layers (compare the compiler's host_temp_size_in_bytes);
+      device bytes and host bytes are separate budgets, so it is not in total.
   """
   params: int
   grads: int
@@ -82,6 +87,7 @@ class Estimate:
   num_devices: int
   mesh: dict[str, int]
   detail: dict[str, Any]
+  host: int = 0  # bytes offloaded to host memory (offload:<tags> on TPU/GPU), not part of `total`
 
   def as_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -202,6 +208,8 @@ class Levers:
   microbatches: int
   time_chunk: int
   mesh: tuple[tuple[str, int], ...] | None = None  # axis sizes; None = from config.mesh
+  attention: str | None = None  # model.attention; None = the config's
+  attention_block: int | None = None  # model.attention_block; None = the config's
 
   @classmethod
   def of(cls, config: ml_collections.ConfigDict) -> "Levers":
@@ -225,9 +233,12 @@ class _Dims:
   vocab: int  # vocabulary entries per device (logits are split over "vocab")
   tensor: int  # ways of the tensor axis
   c: int  # compute dtype bytes
+  attention: str = "xla"  # model.attention
+  block: int = 512  # model.attention_block
 
 
-def _dims(config: ml_collections.ConfigDict, sizes: dict[str, int], microbatches: int) -> _Dims:
+def _dims(config: ml_collections.ConfigDict, sizes: dict[str, int], microbatches: int,
+          levers: Levers | None = None) -> _Dims:
   rules = dict(parallel.rules(config))
   batch_ways = math.prod(sizes.get(a, 1) for a in _axes(rules.get("batch")))
   b = max(config.data.batch_size // (microbatches * batch_ways), 1)
@@ -235,7 +246,9 @@ def _dims(config: ml_collections.ConfigDict, sizes: dict[str, int], microbatches
   vocab = math.ceil(config.data.vocab_size / vocab_ways)
   tensor = math.prod(sizes.get(a, 1) for a in _axes(rules.get("mlp")))
   c = jnp.dtype(config.precision.compute_dtype).itemsize
-  return _Dims(b, config.data.seq_len, config.model.d, vocab, tensor, c)
+  attention = (levers and levers.attention) or config.model.get("attention", "xla")
+  block = (levers and levers.attention_block) or config.model.get("attention_block", 512)
+  return _Dims(b, config.data.seq_len, config.model.d, vocab, tensor, c, attention, block)
 
 
 def _policy_names(policy: str) -> tuple[str, set[str]]:
@@ -246,62 +259,9 @@ def _policy_names(policy: str) -> tuple[str, set[str]]:
   return base, names
 
 
-# What one Transformer layer's backward pass holds besides the saved tensors,
-# per policy, as multiples of four per-device quantities: a [b, t, d] f32
-# array, a [b, t, f] f32 array, one f32 attention-score array [b, h, t, t] and
-# the layer's parameter bytes. Under remat this is the recomputed forward of
-# the layer plus the gradients flowing back through it; XLA fuses part of the
-# recomputation into its consumers, so the counts are not the no-remat
-# residual counts. Fitted (non-negative least squares on relative error) to
-# XLA's CPU buffer assignment over widths 32-128, mlp_ratio 2-4, 2-8 heads,
-# lengths 32-1024 and 2-12 layers (tests/test_memory.py and
-# benchmarks/remat.py check them against the compiler).
-_LAYER_TRANSIENT = {
-    "none": (7.84, 3.51, 2.62, 1.08),
-    "full": (3.63, 7.06, 3.44, 0.93),
-    "dots": (3.51, 2.77, 3.57, 1.83),
-    "dots_no_batch": (0.10, 4.01, 3.46, 1.66),
-    "qkv": (3.63, 7.06, 3.44, 0.93),
-    "attn_context": (11.34, 5.71, 1.22, 0.93),
-    "attn_out": (5.29, 6.51, 1.23, 1.12),
-    "mlp_hidden": (2.78, 1.86, 4.14, 1.27),
-}
-# Saving only the attention output (or context), XLA's schedule has two
-# candidate peaks inside the layer's backward pass: one dominated by the
-# recomputed [b, t, d]-sized tensors (short sequences: the row above), one by
-# about four live score arrays (long sequences: here). The larger applies.
-_LAYER_TRANSIENT_ALT = {
-    "attn_context": (0.0, 0.0, 4.4, 0.0),
-    "attn_out": (0.0, 0.0, 4.4, 0.0),
-}
-# [b, t, d] f32 arrays the loss head holds beside the logits (final norm and its gradient).
-_HEAD_STREAM = 4
-# The same for one LSTM layer's backward pass (with its recomputation), as
-# multiples of a [b, t, d] f32 array and of the layer's parameter bytes: the
-# layer's x_proj and its gradient ([t, b, 4d] each), the recomputed
-# residuals under remat, the scan's staging copies. Fitted to XLA's CPU buffer
-# assignment (widths 64-128, lengths 64-128, 2-3 layers); a time chunk's own
-# recomputation (12 d per step of the chunk) is added on top.
-_LSTM_TRANSIENT = {
-    "none": (20.13, 1.48),
-    "full": (27.05, 1.01),
-    "dots": (30.05, 1.51),
-    "save:gates": (23.01, 1.07),
-    "save:h": (27.05, 1.51),
-    "save:c": (27.05, 1.51),
-    "none/chunk": (11.74, 2.55),
-    "full/chunk": (14.36, 0.77),
-}
-# Parameter-sized buffers a chunked VRNN's outer time scan holds in its backward
-# pass (gradient accumulator, one chunk's gradients); measured on XLA CPU.
-_VRNN_CHUNK_GRADS = 1.7
-# Extra gradient-sized buffers alive during the optimizer update (the clipped
-# gradient / the update itself; moments and parameters are updated in place).
-_UPDATE_BUFFERS = 1
-
-
 def _transformer_layer(config: ml_collections.ConfigDict, dims: _Dims, policy: str,
-                       layer_param_bytes: float, backend: str) -> tuple[float, float, dict[str, Any]]:
+                       layer_param_bytes: float, backend: str,
+                       cal: calibration.Table) -> tuple[float, float, dict[str, Any]]:
   """Saved bytes and backward working set of one Transformer layer (per device).
 
   Korthikanti et al. 2022 (sec. 4.1, eq. 1) count the activations one GPT
@@ -334,6 +294,13 @@ def _transformer_layer(config: ml_collections.ConfigDict, dims: _Dims, policy: s
   `full`); the CPU backend has no host memory space, so there it acts as save.
   With tensor parallelism (Korthikanti et al. sec. 4.2.2) heads and f are
   split t ways; the stream tensors are replicated.
+
+  Attention implementations (wm/models/attention.py) change the score terms:
+  `xla` materialises [b, h, t, t] scores (S = t keys per row); `chunked`
+  (Rabe & Staats 2021) only one key block at a time (S = block) and its
+  backward pass keeps the row log-sum-exp (h f32 per token) instead of the
+  2 h t scores; the fused kernels (`cudnn`, `splash`) keep no scores in
+  device memory (S = 0) and the log-sum-exp.
   """
   m = config.model
   b, t, d, c, tp = dims.b, dims.t, dims.d, dims.c, dims.tensor
@@ -342,45 +309,56 @@ def _transformer_layer(config: ml_collections.ConfigDict, dims: _Dims, policy: s
   f = m.mlp_ratio * d / tp
   tokens = b * t
   qkv = (h * e + 2 * kv * e)  # q, k and v after rotary
+  impl = dims.attention
+  keys_per_row = {"xla": t, "chunked": min(dims.block, t)}.get(impl, 0)
+  scores_saved = 2 * h * t * _F32 + 2 * h * _F32 if impl == "xla" else h * _F32  # softmax, or its log-sum-exp
   base, names = _policy_names(policy)
+  names &= {"qkv", "attn_context", "attn_out", "mlp_hidden"}  # an LSTM half's tags save nothing here
+  if base in ("save", "offload") and not names:
+    base = "full"
+  tag_sizes = {"qkv": qkv, "attn_context": h * e, "attn_out": d, "mlp_hidden": f}
+  host = 0.0
   if base == "offload" and backend not in ("cpu",):
+    # The tagged tensors go to host memory (TPU/GPU memory kind pinned_host): counted apart from the device.
+    host = tokens * sum(tag_sizes[n] for n in names) * c
     base, names = "full", set()
   elif base == "offload":
     base = "save"
   x = d * c
   if base == "none":
-    per_token = (2 * d * c + (6 * d + 4) * _F32 + qkv * c + h * e * c + 2 * h * t * _F32 + 2 * h * _F32
-                 + 6 * f * c)
+    per_token = (2 * d * c + (6 * d + 4) * _F32 + qkv * c + h * e * c + scores_saved + 6 * f * c)
   elif base == "full":
     per_token = x
   elif base == "dots":
-    per_token = x + (qkv + h * t + h * e + d + f) * _F32
+    per_token = x + (qkv + (h * t if impl == "xla" else h) + h * e + d + f) * _F32
   elif base == "dots_no_batch":
     per_token = x + (qkv + d + f) * _F32
   else:  # save
-    sizes = {"qkv": qkv, "attn_context": h * e, "attn_out": d, "mlp_hidden": f}
-    per_token = x + sum(sizes[n] for n in names) * c
+    per_token = x + sum(tag_sizes[n] for n in names) * c
   saved = tokens * per_token
 
-  # One layer's backward working set: see _LAYER_TRANSIENT.
+  # One layer's backward working set: calibrated (wm.memory.calibration).
   if base in ("none", "full", "dots", "dots_no_batch"):
     keys = [base]
   else:
     keys = sorted(names) or ["full"]
-  units = (tokens * d * _F32, tokens * f * _F32, b * h * t * t * _F32, layer_param_bytes)
-  fits = [_LAYER_TRANSIENT[k] for k in keys] + [_LAYER_TRANSIENT_ALT[k] for k in keys if k in _LAYER_TRANSIENT_ALT]
+  units = (tokens * d * _F32, tokens * f * _F32, b * h * t * keys_per_row * _F32, layer_param_bytes,
+           tokens * d * c, tokens * f * c)
+  fits = ([cal.layer_transient[k] for k in keys]
+          + [cal.layer_transient_alt[k] for k in keys if k in cal.layer_transient_alt])
   transient = max(sum(c * u for c, u in zip(coef, units)) for coef in fits)
-  return saved, transient, {"saved_per_layer": int(saved), "saved_per_token_per_layer": per_token}
+  return saved, transient, {"saved_per_layer": int(saved), "saved_per_token_per_layer": per_token,
+                            "host_per_layer": int(host)}
 
 
-def _head_transient(dims: _Dims, heads: int = 1) -> float:
-  """The loss head: f32 logits and their gradient, [b, t, heads, V] each, plus a few [b, t, d]."""
+def _head_transient(dims: _Dims, cal: calibration.Table, heads: int = 1) -> float:
+  """The loss head: f32 logits and their gradient, [b, t, heads, V] each, plus a few [b, t, d] (calibrated)."""
   tokens = dims.b * dims.t
-  return 2 * tokens * heads * dims.vocab * _F32 + _HEAD_STREAM * tokens * dims.d * _F32
+  return 2 * tokens * heads * dims.vocab * _F32 + cal.head_stream * tokens * dims.d * _F32
 
 
 def _lstm_layer(config: ml_collections.ConfigDict, dims: _Dims, policy: str,
-                time_chunk: int, backend: str) -> tuple[float, float, dict[str, Any]]:
+                time_chunk: int, backend: str, cal: calibration.Table) -> tuple[float, float, dict[str, Any]]:
   """Saved bytes of one LSTM layer and the backward working set of one layer (per device).
 
   Derivation (wm/models/lstm.py). The input projection x W_x + b is one
@@ -417,6 +395,14 @@ def _lstm_layer(config: ml_collections.ConfigDict, dims: _Dims, policy: str,
   tokens = b * t
   k = remat_lib.resolve_time_chunk(time_chunk, t)
   base, names = _policy_names(policy)
+  names &= {"gates", "h", "c"}  # another stack's tags (a latent model's Transformer half) save nothing here
+  if base in ("save", "offload") and not names:
+    base = "full"
+  if base == "dots_no_batch":  # x W_x and h W_h have no batch dimensions in their dot_general: same as dots
+    base = "dots"
+  host = 0.0
+  if base == "offload" and backend != "cpu":  # tagged tensors kept in host memory
+    host = tokens * sum({"gates": 4.0, "h": 1.0, "c": 1.0}[n] for n in names) * d / tp * _F32
   if base == "offload":
     base = "save" if backend == "cpu" else "full"
   if base == "dots_no_batch":  # every LSTM matmul has a batch dimension: nothing is saveable, as under full
@@ -432,33 +418,34 @@ def _lstm_layer(config: ml_collections.ConfigDict, dims: _Dims, policy: str,
     per_token = d * c + inner * d / tp * _F32
     saved = tokens * per_token
     key = base if base != "save" else "save:" + ",".join(sorted(names))
-  coef = _LSTM_TRANSIENT.get(key)
+  coef = cal.lstm_transient.get(key)
   if coef is None:  # several tags: the largest working set of any of them
-    coef = max((_LSTM_TRANSIENT[f"save:{n}"] for n in names), key=lambda x: x[0])
+    coef = max((cal.lstm_transient[f"save:{n}"] for n in names), key=lambda x: x[0])
   layer_params = (2 * d * 4 * d + 4 * d) / tp * jnp.dtype(config.precision.param_dtype).itemsize
   transient = coef[0] * tokens * d * _F32 + coef[1] * layer_params
   if k and base == "full":
     key += "/chunk"
-    coef = _LSTM_TRANSIENT["full/chunk"]
+    coef = cal.lstm_transient["full/chunk"]
     transient = coef[0] * tokens * d * _F32 + coef[1] * layer_params
   if k:
     transient += 12 * b * k * d / tp * _F32  # one chunk's recomputed residuals
-  return saved, transient, {"saved_per_layer": int(saved), "time_chunk": k}
+  return saved, transient, {"saved_per_layer": int(saved), "time_chunk": k, "host_per_layer": int(host)}
 
 
 def _stack_acts(config: ml_collections.ConfigDict, kind: str, dims: _Dims, levers: Levers,
-                layer_param_bytes: float, backend: str) -> tuple[float, float, dict[str, Any]]:
+                layer_param_bytes: float, backend: str,
+                cal: calibration.Table) -> tuple[float, float, dict[str, Any]]:
   """All layers of one LSTM or Transformer stack: (saved, layer transient, detail)."""
   layers = config.model.layers
   if kind == "transformer":
-    per_layer, transient, detail = _transformer_layer(config, dims, levers.policy, layer_param_bytes, backend)
+    per_layer, transient, detail = _transformer_layer(config, dims, levers.policy, layer_param_bytes, backend, cal)
   else:
-    per_layer, transient, detail = _lstm_layer(config, dims, levers.policy, levers.time_chunk, backend)
+    per_layer, transient, detail = _lstm_layer(config, dims, levers.policy, levers.time_chunk, backend, cal)
   return layers * per_layer, transient, detail
 
 
 def _activations(config: ml_collections.ConfigDict, dims: _Dims, levers: Levers, layer_param_bytes: float,
-                 param_bytes: float, backend: str) -> _Acts:
+                 param_bytes: float, backend: str, cal: calibration.Table) -> _Acts:
   """Saved activations and transients of the config's model family.
 
   The latent models reuse the stacks (wm/models/latent.py):
@@ -487,18 +474,19 @@ def _activations(config: ml_collections.ConfigDict, dims: _Dims, levers: Levers,
   tokens = dims.b * dims.t
   name = m.name
   if name in ("transformer", "lstm"):
-    saved, transient, detail = _stack_acts(config, name, dims, levers, layer_param_bytes, backend)
-    return _Acts(saved, transient, _head_transient(dims), detail)
+    saved, transient, detail = _stack_acts(config, name, dims, levers, layer_param_bytes, backend, cal)
+    return _Acts(saved, transient, _head_transient(dims, cal), detail)
   if name == "vae":
-    enc, enc_t, _ = _stack_acts(config, m.encoder, dims, levers, layer_param_bytes, backend)
-    dec, dec_t, detail = _stack_acts(config, m.decoder, dims, levers, layer_param_bytes, backend)
-    return _Acts(enc + dec, max(enc_t, dec_t), _head_transient(dims), detail)
+    enc, enc_t, _ = _stack_acts(config, m.encoder, dims, levers, layer_param_bytes, backend, cal)
+    dec, dec_t, detail = _stack_acts(config, m.decoder, dims, levers, layer_param_bytes, backend, cal)
+    return _Acts(enc + dec, max(enc_t, dec_t), _head_transient(dims, cal), detail)
   if name == "mixture":
     k = m.components
-    dec, dec_t, detail = _stack_acts(config, m.decoder, dims, levers, layer_param_bytes, backend)
+    dec, dec_t, detail = _stack_acts(config, m.decoder, dims, levers, layer_param_bytes, backend, cal)
     if m.mixture_heads == "separate":
       dec, dec_t = k * dec, k * dec_t
-    head = _head_transient(dims, heads=k) + tokens * k * dims.vocab * _F32
+    # K components' logits, their gradient, log-softmax and posterior (count calibrated).
+    head = cal.mixture_head_logits * tokens * k * dims.vocab * _F32 + cal.head_stream * tokens * dims.d * _F32
     return _Acts(dec, dec_t, head, detail)
   # vrnn
   d, v, z, layers = dims.d, dims.vocab, m.latent_dim, m.layers
@@ -507,7 +495,7 @@ def _activations(config: ml_collections.ConfigDict, dims: _Dims, levers: Levers,
   if chunk:
     carries = dims.b * (dims.t // chunk) * (2 * layers * d + z) * _F32
     saved = carries + tokens * (3 + 2 * z + 1) * _F32  # chunk inputs (tokens, targets, noise) and outputs
-    transient = dims.b * chunk * per_step + _VRNN_CHUNK_GRADS * param_bytes
+    transient = dims.b * chunk * per_step + cal.vrnn_chunk_grads * param_bytes
   else:
     saved, transient = tokens * per_step, tokens * 4 * d * _F32
   return _Acts(saved, transient, 2 * tokens * 3 * _F32, {"saved_per_step": per_step, "time_chunk": chunk})
@@ -525,7 +513,8 @@ def mesh_sizes(config: ml_collections.ConfigDict, num_devices: int | None = None
 
 
 def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
-             backend: str | None = None, levers: Levers | None = None) -> Estimate:
+             backend: str | None = None, levers: Levers | None = None,
+             table: calibration.Table | None = None) -> Estimate:
   """Analytic per-device bytes of the config's train step.
 
   Args:
@@ -538,11 +527,14 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     levers: remat policy, microbatches, time chunk and mesh sizes to use
       instead of the config's (the planner scores candidates this way
       without copying configs).
+    table: calibrated coefficients to use instead of the backend's
+      (`wm.memory.calibration.table(backend)`); the fit passes candidates.
 
   Returns:
     An `Estimate` whose six terms sum to `total`.
   """
   backend = backend or jax.default_backend()
+  cal = table or calibration.table(backend)
   levers = levers or Levers.of(config)
   sizes = dict(levers.mesh) if levers.mesh else mesh_sizes(config, num_devices)
   rules = dict(parallel.rules(config))
@@ -565,10 +557,12 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   grads = params  # gradients in the parameter dtype, sharded like the parameters (ZeRO-2/3 under FSDP)
   live_grads = grads * (2 if levers.microbatches > 1 else 1)  # accumulator + this microbatch's
 
-  dims = _dims(config, sizes, levers.microbatches)
+  dims = _dims(config, sizes, levers.microbatches, levers)
   batch_ways = math.prod(sizes.get(a, 1) for a in _axes(rules.get("batch")))
   layer_param_bytes = stack_bytes / max(config.model.layers, 1)
-  acts = _activations(config, dims, levers, layer_param_bytes, params, backend)
+  acts = _activations(config, dims, levers, layer_param_bytes, params, backend, cal)
+  # The compiler may keep more than the model code saves (calibration.Table.saved_scale).
+  acts = dataclasses.replace(acts, saved=acts.saved * cal.saved_scale.get(config.precision.compute_dtype, 1.0))
   # inputs and targets int32, weights f32, this device's rows.
   inputs = config.data.batch_size / batch_ways * config.data.seq_len * 12
 
@@ -579,16 +573,18 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     # data parallelism a second, all-reduced copy of the gradients is.
     transient_bwd += (whole_params - params) if sizes.get("fsdp", 1) > 1 else grads
   backward = live_grads + acts.saved + transient_bwd
-  update = grads + _UPDATE_BUFFERS * grads
+  update = grads + cal.update_buffers * grads
   if backward >= update:
     phase, activations, transient, grads_term = "backward", acts.saved, transient_bwd, live_grads
   else:
-    phase, activations, transient, grads_term = "update", 0.0, _UPDATE_BUFFERS * grads, grads
+    phase, activations, transient, grads_term = "update", 0.0, cal.update_buffers * grads, grads
   terms = dict(params=int(params), grads=int(grads_term), optimizer=int(optimizer),
                activations=int(activations), transient=int(transient), inputs=int(inputs))
   detail = dict(acts.detail, param_count=count, saved_activations=int(acts.saved),
                 layer_transient=int(acts.layer_transient), head_transient=int(acts.head_transient),
                 per_device_batch=dims.b, microbatches=levers.microbatches, remat_policy=levers.policy,
-                time_chunk=levers.time_chunk, backend=backend)
+                time_chunk=levers.time_chunk, backend=backend,
+                attention=dims.attention, calibration=cal.fitted_on)
+  host = acts.detail.get("host_per_layer", 0) * config.model.layers
   return Estimate(**terms, total=sum(terms.values()), phase=phase, num_devices=math.prod(sizes.values()),
-                  mesh=dict(sizes), detail=detail)
+                  mesh=dict(sizes), detail=detail, host=int(host))

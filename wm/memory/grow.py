@@ -30,7 +30,8 @@ The ladder steps by about 1/8 of the width (multiples of 32 from 32 up: 32,
 grown model is within about 12% of the largest width that fits.
 
 Search: every width gets the planner's estimate-only search (thousands of
-candidates a second, no compile); the largest width that fits by estimate is
+candidates a second, no compile); the largest width whose estimate fits the
+budget less the planner's calibrated reserve (wm.memory.calibration) is
 then planned with confirmation (one compile). If the compiler puts it above
 the budget, the ratio of the compiled figure to the budget rescales the
 estimates of the smaller widths and the largest that fits at that ratio is
@@ -140,7 +141,14 @@ def grow(config: ml_collections.ConfigDict, budget_bytes: int, num_devices: int 
   Raises:
     plan.BudgetTooSmall: not even the smallest width fits.
   """
+  import jax
+  from wm.memory import calibration
+
   widths = sorted(widths or width_ladder())
+  # The planner keeps a share of the budget free (its calibrated reserve);
+  # judge widths by the same usable share, so a width that fits here is one
+  # the planner can place.
+  usable = budget_bytes * (1.0 - calibration.table(jax.default_backend()).planning_margin)
   precisions = list(precisions or [None])
   tried: list[dict[str, Any]] = []
   fitting: list[tuple[int, tuple[str, str] | None, ml_collections.ConfigDict, int]] = []
@@ -158,8 +166,8 @@ def grow(config: ml_collections.ConfigDict, budget_bytes: int, num_devices: int 
       if smallest_seen is None or least < smallest_seen[0]:
         smallest_seen = (least, d)
       tried.append({"width": d, "precision": precision, "smallest_estimate_bytes": least,
-                    "fits_by_estimate": least <= budget_bytes})
-      if least <= budget_bytes:
+                    "fits_by_estimate": least <= usable})
+      if least <= usable:
         fits_here = (d, precision, grown, least)
         break
     if fits_here:
@@ -179,7 +187,7 @@ def grow(config: ml_collections.ConfigDict, budget_bytes: int, num_devices: int 
   # are skipped instead of each costing compiles.
   ratio, last_error = 1.0, None
   for _ in range(max_widths_compiled):
-    left = [f for f in fitting if f[3] * ratio <= budget_bytes]
+    left = [f for f in fitting if f[3] * ratio <= usable]
     if not left:
       break
     d, precision, grown, least = left[-1]

@@ -10,9 +10,22 @@ Compiled step memory (DESIGN.md):
 
     total = argument + output - alias + temp
 
-`temp_size_in_bytes` is the part remat changes. On CPU `peak_memory_in_bytes`
-leaves temp out (on TPU/GPU it includes it), so we report every field and
-which backend produced them rather than any single one.
+`temp_size_in_bytes` is the part remat changes. Every field is reported, and
+`bound_bytes` names the one figure that bounds the device memory the step
+needs on the backend that compiled it (`bound_field` says which; the reasons,
+with XLA's sources, are in docs/memory.md, "Which compiler figure bounds
+device memory"):
+
+    cpu, gpu   total_bytes: XLA's runtime allocates the temp allocation whole
+               for each execution (BufferAllocation::IsPreallocatedTempBuffer),
+               next to the resident arguments and the outputs; the heap
+               simulator's peak_memory_in_bytes packs the same buffers and
+               can only be smaller (and on CPU it leaves temp out).
+    tpu        max(peak_memory_in_bytes, total_bytes): libtpu's accounting is
+               not public; its peak counts temporaries outside the temp
+               allocation (small programs: up to 4.6x total), its temp
+               allocation is reserved whole (large programs: total up to 4%
+               above peak). Only the larger holds under both readings.
 """
 
 from __future__ import annotations
@@ -51,8 +64,15 @@ def compiled_step(config: ml_collections.ConfigDict, mesh: Mesh | None = None):
     return lowered.compile(), setup
 
 
-def memory_fields(compiled) -> dict[str, int | None]:
-  """Every `memory_analysis()` field (bytes per device) plus the DESIGN.md total."""
+def bound(fields: dict[str, int | None], backend: str) -> tuple[int, str]:
+  """(bytes, field name) of the figure that bounds device memory on `backend` (see the module doc)."""
+  if backend == "tpu" and (fields.get("peak_memory_in_bytes") or 0) > fields["total_bytes"]:
+    return int(fields["peak_memory_in_bytes"]), "peak_memory_in_bytes"
+  return int(fields["total_bytes"]), "total_bytes"
+
+
+def memory_fields(compiled, backend: str | None = None) -> dict[str, int | None]:
+  """Every `memory_analysis()` field (bytes per device), the DESIGN.md total and the backend's bound."""
   stats = compiled.memory_analysis()
   if isinstance(stats, (list, tuple)):  # some backends return one entry per program
     stats = stats[0]
@@ -62,6 +82,8 @@ def memory_fields(compiled) -> dict[str, int | None]:
     out[name] = None if value is None else int(value)
   out["total_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
                         - out["alias_size_in_bytes"] + out["temp_size_in_bytes"])
+  if backend is not None:
+    out["bound_bytes"], out["bound_field"] = bound(out, backend)
   return out
 
 
@@ -86,15 +108,21 @@ def compiled(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> dic
   Returns:
     A dict: every `memory_analysis()` field (`*_in_bytes`, None where the
     backend does not report it), `total_bytes` (argument + output - alias +
-    temp), `flops` (cost_analysis, per device), `backend` (platform),
+    temp), `bound_bytes` and `bound_field` (the figure that bounds device
+    memory on this backend, and which field it is: see the module doc),
+    `flops` (cost_analysis, per device), `backend` (platform),
     `device_kind`, `num_devices`, `mesh` (axis sizes) and `compile_seconds`.
   """
   start = time.perf_counter()
   exe, setup = compiled_step(config, mesh)
-  seconds = time.perf_counter() - start
+  return record(exe, setup, time.perf_counter() - start)
+
+
+def record(exe, setup, seconds: float) -> dict[str, Any]:
+  """`compiled`'s dict for an executable already compiled by `compiled_step`."""
   device = setup.mesh.devices.flat[0]
   return {
-      **memory_fields(exe),
+      **memory_fields(exe, device.platform),
       "flops": flops(exe),
       "backend": device.platform,
       "device_kind": device.device_kind,

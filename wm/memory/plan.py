@@ -17,6 +17,9 @@ Search space:
                       length with 2 <= k <= T/2.
   mesh data x fsdp    every split of the devices left after config.mesh.tensor
                       (which is kept) whose parameter shards divide.
+  model.attention     for a config with xla attention, xla and chunked (same
+                      outputs, memory linear in T; its backward pass
+                      recomputes the scores); cudnn/splash configs are kept.
   precision           fixed: the config's param/compute dtypes are a modelling
                       choice (bf16 changes the numbers, not just the bytes), so
                       the planner does not change them.
@@ -55,7 +58,7 @@ import ml_collections
 from wm import config as config_lib
 from wm import models, parallel
 from wm.config import format_bytes
-from wm.memory import estimate as estimate_lib
+from wm.memory import calibration, estimate as estimate_lib
 
 FLOPS_PER_ICI_BYTE = 1000.0
 FLOPS_PER_HBM_BYTE = 240.0
@@ -89,19 +92,25 @@ class Candidate:
   flops: float  # per device per step, including recomputation
   comm_bytes: float  # per device per step
   cost: float
+  attention: str | None = None  # model.attention (None: the model has no attention, or the config's is kept)
 
   def overrides(self) -> dict[str, Any]:
-    return {"remat.policy": self.policy, "optim.microbatches": self.microbatches,
-            "remat.time_chunk": self.time_chunk, "mesh.data": self.mesh["data"], "mesh.fsdp": self.mesh["fsdp"],
-            "mesh.tensor": self.mesh["tensor"]}
+    out = {"remat.policy": self.policy, "optim.microbatches": self.microbatches,
+           "remat.time_chunk": self.time_chunk, "mesh.data": self.mesh["data"], "mesh.fsdp": self.mesh["fsdp"],
+           "mesh.tensor": self.mesh["tensor"]}
+    if self.attention:
+      out["model.attention"] = self.attention
+    return out
 
   def describe(self) -> str:
     chunk = f", time_chunk {self.time_chunk}" if self.time_chunk else ""
+    chunk += f", attention {self.attention}" if self.attention else ""
     return (f"remat {self.policy}, {self.microbatches} microbatch{'es' if self.microbatches > 1 else ''}{chunk}, "
             f"mesh data={self.mesh['data']} fsdp={self.mesh['fsdp']} tensor={self.mesh['tensor']}")
 
   def record(self) -> dict[str, Any]:
     return {"remat_policy": self.policy, "microbatches": self.microbatches, "time_chunk": self.time_chunk,
+            "attention": self.attention,
             "mesh": dict(self.mesh), "estimate_bytes": self.estimate.total, "phase": self.estimate.phase,
             "terms": {t: getattr(self.estimate, t) for t in estimate_lib.TERMS},
             "flops": self.flops, "comm_bytes": self.comm_bytes, "cost": self.cost}
@@ -119,18 +128,24 @@ class Plan:
   considered: int
   fitting: int
   rejected: list[dict[str, Any]]  # candidates whose compile exceeded the budget
+  reserve: float = 0.0  # share of the budget kept free when selecting by estimate
+  backend: str = "cpu"  # the compiler whose calibration scored the candidates
+  target: str | None = None  # the compile target of the confirmation (None = this host)
 
   @property
   def margin(self) -> int:
     """Budget minus the compiled total (minus the estimate when not compiled)."""
-    used = self.compiled["total_bytes"] if self.compiled else self.chosen.estimate.total
+    used = self.compiled["bound_bytes"] if self.compiled else self.chosen.estimate.total
     return self.budget - used
 
   def record(self) -> dict[str, Any]:
     return {"budget_bytes": self.budget, "chosen": self.chosen.record(),
             "compiled_total_bytes": self.compiled["total_bytes"] if self.compiled else None,
+            "compiled_bound_bytes": self.compiled["bound_bytes"] if self.compiled else None,
+            "compiled_bound_field": self.compiled["bound_field"] if self.compiled else None,
             "compiled": self.compiled, "confirmed": self.compiled is not None, "confirm_note": self.confirm_note,
-            "margin_bytes": self.margin, "considered": self.considered, "fitting": self.fitting,
+            "margin_bytes": self.margin, "reserve": self.reserve, "backend": self.backend, "target": self.target,
+            "considered": self.considered, "fitting": self.fitting,
             "rejected_by_compile": self.rejected, "runners_up": [c.record() for c in self.runners_up]}
 
 
@@ -158,6 +173,19 @@ def time_chunks(config: ml_collections.ConfigDict) -> list[int]:
     return [config.remat.time_chunk]
   t = config.data.seq_len
   return [0] + [k for k in _divisors(t) if 2 <= k <= t // 2]
+
+
+def attentions(config: ml_collections.ConfigDict) -> list[str | None]:
+  """Attention implementations to try: the config's, and chunked where the config uses xla.
+
+  `chunked` (wm/models/attention.py) is pure JAX, so it runs on every backend;
+  cudnn and splash are hardware-specific and left to the user. None: the
+  model has no Transformer stack.
+  """
+  m = config.model
+  if not (m.name == "transformer" or (m.name in ("vae", "mixture") and "transformer" in (m.encoder, m.decoder))):
+    return [None]
+  return ["xla", "chunked"] if m.attention == "xla" else [m.attention]
 
 
 def meshes(config: ml_collections.ConfigDict, num_devices: int) -> list[dict[str, int]]:
@@ -232,11 +260,14 @@ def _recompute_fraction(policy: str, parts: dict[str, float], time_chunk: int, s
 
 
 def cost(config: ml_collections.ConfigDict, policy: str, microbatches: int, time_chunk: int,
-         mesh: dict[str, int], est: estimate_lib.Estimate) -> tuple[float, float, float]:
+         mesh: dict[str, int], est: estimate_lib.Estimate, attention: str | None = None) -> tuple[float, float, float]:
   """(FLOPs per device, communication bytes per device, cost) of one candidate."""
   n = math.prod(mesh.values())
   total, stack, parts = _forward_flops(config)
   r = _recompute_fraction(policy, parts, time_chunk, stack)
+  if attention == "chunked" and "attention" in parts:
+    # FlashAttention's backward pass recomputes the scores (QK^T), half the attention FLOPs (Dao et al. 2022).
+    r += parts["attention"] / 2 / stack
   flops = (3 * total + r * stack) / n
   local = est.params  # parameter bytes on this device
   fsdp, data = mesh["fsdp"], mesh["data"]
@@ -267,16 +298,18 @@ def candidates(config: ml_collections.ConfigDict, num_devices: int | None = None
   for mesh in meshes(config, n):
     for m in microbatch_counts(config, mesh):
       for chunk in time_chunks(config):
-        for policy in policies(config):
-          levers = estimate_lib.Levers(policy, m, chunk, tuple(sorted(mesh.items())))
-          est = estimate_lib.estimate(config, n, backend=backend, levers=levers)
-          flops, comm, score = cost(config, policy, m, chunk, mesh, est)
-          out.append(Candidate(policy, m, chunk, dict(mesh), est, flops, comm, score))
+        for attention in attentions(config):
+          for policy in policies(config):
+            levers = estimate_lib.Levers(policy, m, chunk, tuple(sorted(mesh.items())), attention=attention)
+            est = estimate_lib.estimate(config, n, backend=backend, levers=levers)
+            flops, comm, score = cost(config, policy, m, chunk, mesh, est, attention)
+            out.append(Candidate(policy, m, chunk, dict(mesh), est, flops, comm, score, attention))
   return out
 
 
 def plan(config: ml_collections.ConfigDict, budget_bytes: int, num_devices: int | None = None, *,
-         confirm: bool = True, max_compiles: int = MAX_COMPILES) -> Plan:
+         confirm: bool = True, max_compiles: int = MAX_COMPILES, target: str | None = None,
+         reserve: float | None = None) -> Plan:
   """The cheapest configuration of the levers whose step fits `budget_bytes` per device.
 
   Args:
@@ -288,6 +321,14 @@ def plan(config: ml_collections.ConfigDict, budget_bytes: int, num_devices: int 
     confirm: compile the winner (and, if it exceeds the budget, the next
       candidates) with the real train step. Needs num_devices devices.
     max_compiles: compiles to try before giving up.
+    target: where the step will run: None (this host's backend), or a TPU
+      topology such as "v5e:4x4" (wm.memory.aot.target_mesh): candidates
+      are scored with that backend's calibration and the choice is
+      confirmed by that compiler; num_devices defaults to its chip count.
+    reserve: share of the budget the estimate must leave free (default: the
+      backend's calibration.Table.planning_margin, the worst held-out
+      under-estimate rounded up), so that an estimate a few percent low still
+      fits; the compiled confirmation is held against the whole budget.
 
   Returns:
     A `Plan`.
@@ -297,49 +338,70 @@ def plan(config: ml_collections.ConfigDict, budget_bytes: int, num_devices: int 
       smallest budget that would and its dominant term), or no compiled
       candidate fits within `max_compiles` tries.
   """
-  n = num_devices or config.mesh.num_devices or jax.device_count()
-  every = candidates(config, n)
+  from wm.memory import aot
+  backend, target_devices = aot.target_backend(target)
+  n = num_devices or config.mesh.num_devices or target_devices or jax.device_count()
+  reserve = calibration.table(backend).planning_margin if reserve is None else reserve
+  every = candidates(config, n, backend=backend)
   if not every:
     raise ValueError(f"no mesh of {n} devices fits the parameter shapes of {config.model.name}")
-  fitting = sorted((c for c in every if c.estimate.total <= budget_bytes), key=lambda c: (c.cost, c.estimate.total))
+  usable = budget_bytes * (1.0 - reserve)
+  fitting = sorted((c for c in every if c.estimate.total <= usable), key=lambda c: (c.cost, c.estimate.total))
   if not fitting:
-    smallest = min(every, key=lambda c: c.estimate.total)
-    dom = smallest.estimate.dominant()
+    smallest_candidate = min(every, key=lambda c: c.estimate.total)
+    smallest = _with_reserve(smallest_candidate, reserve)
+    dom = smallest_candidate.estimate.dominant()
     raise BudgetTooSmall(
         f"budget {format_bytes(budget_bytes)} per device is too small for this {config.model.name} "
         f"({config.model.layers} layers, d={config.model.d}, batch {config.data.batch_size} x "
         f"{config.data.seq_len}, {config.optim.name}, {config.precision.param_dtype}) on {n} device(s): "
-        f"the smallest estimate over {len(every)} candidates is {format_bytes(smallest.estimate.total)} "
-        f"({smallest.describe()}), dominated by {dom} ({format_bytes(getattr(smallest.estimate, dom))}). "
-        f"A budget of at least {format_bytes(smallest.estimate.total)} ({smallest.estimate.total} bytes) would fit"
+        f"the smallest estimate over {len(every)} candidates is {format_bytes(smallest_candidate.estimate.total)} "
+        f"({smallest_candidate.describe()}), dominated by {dom} "
+        f"({format_bytes(getattr(smallest_candidate.estimate, dom))}). With the planner's {100 * reserve:.0f}% "
+        f"reserve ({backend} calibration), a budget of at least {format_bytes(smallest)} ({smallest} bytes) would fit"
         + ("; or add devices to shard the model states." if dom in ("params", "grads", "optimizer") else "."),
-        budget=budget_bytes, smallest=smallest.estimate.total, dominant=dom, candidate=smallest)
+        budget=budget_bytes, smallest=smallest, dominant=dom, candidate=smallest_candidate)
 
   rejected: list[dict[str, Any]] = []
-  if not confirm or n > jax.device_count():
+  extra = dict(reserve=reserve, backend=backend, target=target)
+  if not confirm or (target is None and n > jax.device_count()):
     note = ("not compiled: confirmation was turned off" if not confirm else
             f"not compiled: planning for {n} devices but this process has {jax.device_count()} "
             f"(use python -m wm memory --devices {n})")
     chosen = fitting[0]
     return Plan(budget_bytes, chosen, with_choice(config, chosen), None, note, fitting[1:6], len(every),
-                len(fitting), rejected)
+                len(fitting), rejected, **extra)
 
   from wm.memory import measure  # compiles; imported only when confirming
-  for candidate in fitting[:max_compiles]:
+  for i, candidate in enumerate(fitting[:max_compiles]):
     new = with_choice(config, candidate)
-    mesh = parallel.make_mesh(new.mesh, jax.devices()[:n])
+    if target is None:
+      mesh = parallel.make_mesh(new.mesh, jax.devices()[:n])
+    else:
+      new.mesh.num_devices = n
+      mesh, _ = aot.target_mesh(new, target)
     compiled = measure.compiled(new, mesh)
-    if compiled["total_bytes"] <= budget_bytes:
-      rest = [c for c in fitting if c is not candidate][:5]
-      return Plan(budget_bytes, candidate, new, compiled, f"compiled on {compiled['backend']}", rest,
-                  len(every), len(fitting), rejected)
-    rejected.append({**candidate.record(), "compiled_total_bytes": compiled["total_bytes"]})
-  best = min(rejected, key=lambda r: r["compiled_total_bytes"])
+    if compiled["bound_bytes"] <= budget_bytes:
+      rest = fitting[i + 1:i + 6]  # the cheaper ones the compiler rejected are in `rejected`
+      where = compiled["backend"] + (f" for {target}" if target else "")
+      return Plan(budget_bytes, candidate, new, compiled, f"compiled on {where} ({compiled['bound_field']})", rest,
+                  len(every), len(fitting), rejected, **extra)
+    rejected.append({**candidate.record(), "compiled_total_bytes": compiled["total_bytes"],
+                     "compiled_bound_bytes": compiled["bound_bytes"]})
+  best = min(rejected, key=lambda r: r["compiled_bound_bytes"])
   raise BudgetTooSmall(
       f"budget {format_bytes(budget_bytes)}: {len(fitting)} candidates fit by estimate, but the compiler puts the "
-      f"{len(rejected)} cheapest above it (smallest compiled: {format_bytes(best['compiled_total_bytes'])}). "
-      f"A budget of at least {format_bytes(best['compiled_total_bytes'])} would fit.",
-      budget=budget_bytes, smallest=best["compiled_total_bytes"], dominant=max(best["terms"], key=best["terms"].get))
+      f"{len(rejected)} cheapest above it (smallest compiled: {format_bytes(best['compiled_bound_bytes'])}). "
+      f"A budget of at least {format_bytes(best['compiled_bound_bytes'])} would fit.",
+      budget=budget_bytes, smallest=best["compiled_bound_bytes"], dominant=max(best["terms"], key=best["terms"].get))
+
+
+def _with_reserve(candidate: Candidate, reserve: float) -> int:
+  """The smallest budget whose (1 - reserve) share holds the candidate's estimate."""
+  budget = math.ceil(candidate.estimate.total / (1.0 - reserve))
+  while budget * (1.0 - reserve) < candidate.estimate.total:  # float rounding
+    budget += 1
+  return budget
 
 
 def apply(config: ml_collections.ConfigDict, budget_bytes: int) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:

@@ -16,6 +16,13 @@ import importlib
 import ml_collections
 from flax import nnx
 
+# Parameters carry *logical* axis names ("embed", "mlp", ...) that only mean
+# something once the config's rules map them to mesh axes (wm.parallel). Flax's
+# eager sharding would try to place them at creation time, outside any mesh.
+# Set here rather than in wm/__init__.py so that importing wm (the CLI, config
+# loading) does not import JAX; every model is built through this package.
+nnx.use_eager_sharding(False)
+
 # name -> (module, class). The latent families share latent.py.
 FAMILIES = {
     "lstm": ("lstm", "Model"),

@@ -126,6 +126,32 @@ def free_bits_kl(kl: Float[Array, "b z"], free_bits: float, mask: Float[Array, "
   return jnp.sum(jnp.maximum(mean, free_bits))
 
 
+def free_bits_kl_sum(kl_sums: Float[Array, "z"], count: jax.Array, free_bits: float,
+                     stats: dict[str, jax.Array]) -> jax.Array:
+  """This batch's share of N * sum_d max(lambda, mean_d KL_d), with mean_d over the global batch.
+
+  The free-bits term (see `free_bits_kl`) is nonlinear in a batch mean, so a
+  microbatch cannot compute it alone. Given the global sums `stats`
+  ({"kl_d": sum of KL_d over the N units of the global batch, "count": N}),
+  each dimension either sits above the floor (it then costs its KL, linear in
+  the examples) or below it (it costs lambda per unit and has no gradient).
+  Summed over microbatches this is exactly N * sum_d max(lambda, mean_d), with
+  the same gradient as the global term, so accumulation leaves the objective
+  unchanged. With `stats` from this batch alone it equals the plain term.
+
+  Args:
+    kl_sums: sum over this batch's units (sequences, or scored tokens) of KL per dimension.
+    count: this batch's number of units.
+    free_bits: lambda in nats per dimension; 0 returns sum(kl_sums).
+    stats: global {"kl_d" [z], "count"}.
+  """
+  if free_bits <= 0:
+    return jnp.sum(kl_sums)
+  mean = stats["kl_d"] / jnp.maximum(stats["count"], 1.0)
+  above = jax.lax.stop_gradient((mean > free_bits).astype(jnp.float32))
+  return jnp.sum(above * kl_sums + (1.0 - above) * free_bits * count)
+
+
 def importance_weighted_bound(log_w: Float[Array, "s ..."]) -> jax.Array:
   """log (1/s) sum_i w_i, Burda et al. 2016's bound, from log weights log p(x, z_i) - log q(z_i|x).
 
@@ -441,8 +467,26 @@ class SequenceVAE(nnx.Module):
     w = batch["weights"].astype(jnp.float32)
     return -jnp.sum(w * logp, axis=1), jnp.sum(w * correct, axis=1)
 
+  @property
+  def needs_batch_statistics(self) -> bool:
+    """Free bits floor a global batch mean: wm.step sums `batch_statistics` over microbatches first."""
+    return self.free_bits > 0
+
+  def batch_statistics(self, batch: Batch, *, rngs: nnx.Rngs | None = None,
+                       step: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Additive sums for the free-bits term: KL per dimension summed over sequences, and the sequences.
+
+    q(z|x) is deterministic given x, so no latent sample is needed.
+    """
+    del rngs, step
+    w = batch["weights"].astype(jnp.float32)
+    mask = _sequence_mask(w)
+    mu, logvar = self.encode(batch["targets"], w)
+    return {"kl_d": jnp.sum(gaussian_kl(mu, logvar) * mask[:, None], axis=0), "count": jnp.sum(mask)}
+
   def loss(self, batch: Batch, *, train: bool, rngs: nnx.Rngs | None = None,
-           step: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
+           step: jax.Array | None = None, batch_stats: dict[str, jax.Array] | None = None
+           ) -> tuple[jax.Array, Metrics]:
     """Training: (rec + beta_t * KL with free bits) per token; evaluation: see `evaluate`.
 
     Args:
@@ -450,6 +494,8 @@ class SequenceVAE(nnx.Module):
       train: single-sample reparameterised loss if True, else `evaluate`.
       rngs: latent samples ("latent"), word dropout and dropout ("dropout").
       step: training step for beta_t; None means beta = 1.
+      batch_stats: `batch_statistics` summed over the global batch when this
+        batch is one microbatch of it; None means this batch is the whole batch.
     """
     if not train:
       return self.evaluate(batch, rngs=rngs)
@@ -465,7 +511,9 @@ class SequenceVAE(nnx.Module):
     kl = jnp.sum(kl_bd, axis=1)
     beta = kl_weight(self.schedule, step, self.warmup)
     n_seq = jnp.sum(mask)
-    kl_term = free_bits_kl(kl_bd, self.free_bits, mask) * n_seq  # summed over sequences
+    kl_sums = jnp.sum(kl_bd * mask[:, None], axis=0)
+    stats = {"kl_d": kl_sums, "count": n_seq} if batch_stats is None else batch_stats
+    kl_term = free_bits_kl_sum(kl_sums, n_seq, self.free_bits, stats)  # summed over sequences
     total = jnp.maximum(jnp.sum(w), 1.0)
     loss = (jnp.sum(rec * mask) + beta * kl_term) / total
     nll = (jnp.sum(rec * mask) + jnp.sum(kl * mask)) / total
@@ -838,9 +886,29 @@ class VRNN(nnx.Module):
             "log_w": jnp.sum(w * (terms["logp"] + terms["log_ratio"]), axis=0),
             "correct": jnp.sum(w * terms["correct"], axis=0), "mu": terms["mu"]}
 
+  @property
+  def needs_batch_statistics(self) -> bool:
+    """Free bits floor a global batch mean: wm.step sums `batch_statistics` over microbatches first."""
+    return self.free_bits > 0
+
+  def batch_statistics(self, batch: Batch, *, rngs: nnx.Rngs | None = None,
+                       step: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Additive sums for the free-bits term: KL per dimension summed over scored tokens, and the tokens.
+
+    The KL depends on the sampled trajectory, so this draws the same first
+    "latent" sample as `loss` does from the same rngs.
+    """
+    del step
+    s = self._sequence_terms(batch, _key(rngs, "latent"))
+    return {"kl_d": jnp.sum(s["kl_d"], axis=0), "count": jnp.sum(batch["weights"].astype(jnp.float32))}
+
   def loss(self, batch: Batch, *, train: bool, rngs: nnx.Rngs | None = None,
-           step: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
-    """Training: (rec + beta_t * KL with free bits) per token; evaluation: see `evaluate`."""
+           step: jax.Array | None = None, batch_stats: dict[str, jax.Array] | None = None
+           ) -> tuple[jax.Array, Metrics]:
+    """Training: (rec + beta_t * KL with free bits) per token; evaluation: see `evaluate`.
+
+    `batch_stats`: as for SequenceVAE.loss.
+    """
     if not train:
       return self.evaluate(batch, rngs=rngs)
     if rngs is None:
@@ -850,8 +918,10 @@ class VRNN(nnx.Module):
     s = self._sequence_terms(batch, rngs.latent())
     total = jnp.maximum(jnp.sum(w), 1.0)
     kl = jnp.sum(s["kl_d"], axis=1)
-    # Free bits per dimension on the KL per scored token (the batch mean over b and t).
-    kl_term = jnp.sum(jnp.maximum(jnp.sum(s["kl_d"], axis=0) / total, self.free_bits)) * total
+    # Free bits per dimension on the KL per scored token (the global batch mean over b and t).
+    kl_sums, tokens = jnp.sum(s["kl_d"], axis=0), jnp.sum(w)
+    stats = {"kl_d": kl_sums, "count": tokens} if batch_stats is None else batch_stats
+    kl_term = free_bits_kl_sum(kl_sums, tokens, self.free_bits, stats)
     beta = kl_weight(self.schedule, step, self.warmup)
     loss = (jnp.sum(s["rec"]) + beta * kl_term) / total
     nll = jnp.sum(s["rec"] + kl) / total

@@ -8,9 +8,22 @@ gate of Gers et al. 2000), gates ordered i, f, g, o:
     h_t = sigmoid(o) * tanh(c_t)
 
 x_t W_x + b does not depend on the recurrence, so it is one big matmul over
-all time steps before the scan; only h W_h runs inside the scan. The forget
-bias starts at `forget_bias` (Jozefowicz et al. 2015: 1.0 lets gradients
-flow through c early in training).
+all time steps before the scan; only h W_h runs inside the scan. With time
+chunking (`remat.time_chunk = k`) the projection runs inside each
+rematerialized chunk instead, so the [T, b, 4d] projections and their
+gradient never exist for the whole sequence and the step's recurrent
+temporaries grow like k + T/k (Chen et al. 2016). The forget bias starts at
+`forget_bias` (Jozefowicz et al. 2015: 1.0 lets gradients flow through c
+early in training).
+
+Without layer remat, the gradient of the time scan is written by hand
+(`lstm_sequence`, a custom VJP, as cuDNN's and oneDNN's fused LSTMs do): the
+backward scan emits the gate gradients of every step, and the recurrent
+weight gradient dW_h = sum_t h_{t-1}^T dgates_t is one [d, T*b] x [T*b, 4d]
+matmul after it. Autodiff of the scan instead accumulates a [d, 4d] partial
+product per step inside the loop (a small matmul plus a 4*d*d add per step);
+the hand-written backward trained the 2-layer d=512 LSTM about 1.5x faster
+on CPU (docs/performance.md).
 
 Working memory between tokens is (h, c) per layer: layers * 2 * d values.
 Gate nonlinearities run in float32; the carried state is kept in the compute
@@ -59,8 +72,80 @@ def lstm_cell(params: dict[str, jax.Array], carry: tuple[jax.Array, jax.Array],
   return (h_new, c_new), h_new
 
 
+def _gate_activations(gates: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  i, f, g, o = jnp.split(gates, 4, axis=-1)
+  return jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+
+
+@jax.custom_vjp
+def lstm_sequence(w_h: jax.Array, carry: tuple[jax.Array, jax.Array],
+                  x_proj: Float[Array, "t b 4d"]) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+  """`lax.scan(lstm_cell, carry, x_proj)` over time, with a hand-written backward pass.
+
+  Same values as the scan of `lstm_cell`; the VJP keeps the post-activation
+  gates and the float32 cell states of every step (what autodiff keeps too)
+  and computes the recurrent weight gradient as one matmul after the
+  backward scan (see the module docstring).
+
+  Args:
+    w_h: [d, 4d] recurrent kernel in the compute dtype.
+    carry: (h [b, d], c [b, d]).
+    x_proj: x_t W_x + b for every step, time-major [t, b, 4d].
+
+  Returns:
+    ((h_T, c_T), hs [t, b, d]).
+  """
+  return jax.lax.scan(functools.partial(lstm_cell, {"w_h": w_h}), carry, x_proj)
+
+
+def _lstm_sequence_fwd(w_h, carry, x_proj):
+  h0, c0 = carry
+
+  def step(carry, xp):
+    h, c = carry
+    gates = xp.astype(jnp.float32) + jnp.dot(h, w_h.astype(h.dtype), preferred_element_type=jnp.float32)
+    i, f, g, o = _gate_activations(gates)
+    c32 = f * c.astype(jnp.float32) + i * g
+    h_new = (o * jnp.tanh(c32)).astype(h.dtype)
+    return (h_new, c32.astype(c.dtype)), (h_new, jnp.concatenate([i, f, g, o], axis=-1), c32)
+
+  (h, c), (hs, acts, cs32) = jax.lax.scan(step, (h0, c0), x_proj)
+  return ((h, c), hs), (w_h, h0, c0, hs, acts, cs32)
+
+
+def _lstm_sequence_bwd(res, cotangents):
+  w_h, h0, c0, hs, acts, cs32 = res
+  (d_h_last, d_c_last), d_hs = cotangents
+  # c_{t-1} as the forward read it: the carried (compute dtype) cell state.
+  c_prev = jnp.concatenate([c0[None], cs32[:-1].astype(c0.dtype)]).astype(jnp.float32)
+  w_t = w_h.astype(h0.dtype).T
+
+  def step(carry, xs):
+    dh, dc = carry
+    dy, a, c32, cp = xs
+    i, f, g, o = jnp.split(a, 4, axis=-1)
+    dh = dh + dy.astype(jnp.float32)
+    tc = jnp.tanh(c32)
+    dc = dc + dh * o * (1.0 - tc * tc)
+    # d(pre-activation) of each gate: sigmoid' = s (1 - s), tanh' = 1 - tanh^2.
+    dgates = jnp.concatenate([dc * g * i * (1.0 - i), dc * cp * f * (1.0 - f), dc * i * (1.0 - g * g),
+                              dh * tc * o * (1.0 - o)], axis=-1)
+    dh_prev = jnp.dot(dgates.astype(h0.dtype), w_t, preferred_element_type=jnp.float32)
+    return (dh_prev, dc * f), dgates
+
+  init = (d_h_last.astype(jnp.float32), d_c_last.astype(jnp.float32))
+  (dh0, dc0), dgates = jax.lax.scan(step, init, (d_hs, acts, cs32, c_prev), reverse=True)
+  h_prev = jnp.concatenate([h0[None], hs[:-1]])
+  d_w = jnp.einsum("tbd,tbg->dg", h_prev, dgates.astype(h0.dtype), preferred_element_type=jnp.float32)
+  # x_proj comes from a Dense in the compute dtype, the dtype of h.
+  return d_w.astype(w_h.dtype), (dh0.astype(h0.dtype), dc0.astype(c0.dtype)), dgates.astype(h0.dtype)
+
+
+lstm_sequence.defvjp(_lstm_sequence_fwd, _lstm_sequence_bwd)
+
+
 class LSTMLayer(nnx.Module):
-  """One LSTM layer: input projection for all steps, then a (chunked) time scan."""
+  """One LSTM layer: input projection and a (chunked) time scan."""
 
   def __init__(self, d_in: int, d: int, *, forget_bias: float, param_dtype, dtype, rngs: nnx.Rngs):
     self.d, self.dtype = d, dtype
@@ -76,11 +161,40 @@ class LSTMLayer(nnx.Module):
     # gradient wrong on a 2x2x2 data/fsdp/tensor mesh, see tests/test_parallel.py).
     return {"w_h": parallel.constrain(self.w_h[...].astype(self.dtype), (None, "gates"))}
 
-  def __call__(self, x: Float[Array, "b t d_in"], h: jax.Array, c: jax.Array,
-               time_chunk: int = 0) -> tuple[Hidden, tuple[jax.Array, jax.Array]]:
-    x_proj = jnp.swapaxes(self.w_x(x), 0, 1)  # [t, b, 4d]: scan runs over the leading axis
-    cell = functools.partial(lstm_cell, self.cell_params())
-    carry, ys = R.chunked_time_scan(cell, (h, c), x_proj, time_chunk)
+  def __call__(self, x: Float[Array, "b t d_in"], h: jax.Array, c: jax.Array, time_chunk: int = 0,
+               fused: bool = False) -> tuple[Hidden, tuple[jax.Array, jax.Array]]:
+    """Runs the layer over a sequence.
+
+    Args:
+      x: inputs [b, t, d_in].
+      h, c: initial state [b, d].
+      time_chunk: steps per rematerialized chunk (already resolved); 0 = none.
+      fused: the hand-written backward (`lstm_sequence`); False differentiates
+        the scan of `lstm_cell`, whose gate/h/c tags a remat policy can name.
+    """
+    params = self.cell_params()
+    if fused:
+      scan = lambda carry, xp: lstm_sequence(params["w_h"], carry, xp)
+    else:
+      scan = lambda carry, xp: jax.lax.scan(functools.partial(lstm_cell, params), carry, xp)
+    xs = jnp.swapaxes(x, 0, 1)  # [t, b, d_in]: scans run over the leading axis
+    if not time_chunk:
+      carry, ys = scan((h, c), self.w_x(xs))  # one [t*b, d_in] x [d_in, 4d] matmul for all steps
+    else:
+      t = xs.shape[0]
+      chunks = xs.reshape((t // time_chunk, time_chunk) + xs.shape[1:])
+
+      # Each chunk projects its own inputs and is rematerialized as a whole:
+      # the outer scan keeps only the carry entering each chunk (Chen et al.
+      # 2016), and the backward pass of one chunk holds that chunk's
+      # projections and residuals alone. The chunk inputs are the layer input.
+      def run_chunk(carry, x_chunk):
+        return scan(carry, self.w_x(x_chunk))
+
+      run_chunk = jax.checkpoint(run_chunk, policy=jax.checkpoint_policies.nothing_saveable,
+                                 prevent_cse=False)  # the outer scan already blocks CSE
+      carry, ys = jax.lax.scan(run_chunk, (h, c), chunks)
+      ys = ys.reshape((t,) + ys.shape[2:])
     return jnp.swapaxes(ys, 0, 1), carry
 
   def step(self, x_t: Float[Array, "b d_in"], h: jax.Array, c: jax.Array):
@@ -161,8 +275,12 @@ class LSTMStack(nnx.Module):
     chunk = R.resolve_time_chunk(self.time_chunk, x.shape[1])
     keys = None if dropout_key is None or self.dropout <= 0 else jax.random.split(dropout_key, self.num_layers)
 
+    # Layer remat policies name the cell's tagged tensors, which only the
+    # autodiff path has; without layer remat the hand-written backward runs.
+    fused = self.remat_policy == "none"
+
     def body(x, layer, h, c, key):
-      y, carry = layer(x, h, c, chunk)
+      y, carry = layer(x, h, c, chunk, fused)
       y = parallel.constrain(y, ("batch", "length", None))
       return L.dropout(y, self.dropout, key), carry
 

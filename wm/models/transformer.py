@@ -35,6 +35,7 @@ import ml_collections
 from flax import nnx
 
 from wm import parallel
+from wm.models import attention as attention_lib
 from wm.models import layers as L
 from wm.models import remat as R
 from wm.typing import Array, Batch, Float, Hidden, Int, Logits, Tokens
@@ -55,21 +56,26 @@ def attention(q: Float[Array, "b t h e"], k: Float[Array, "b s k e"], v: Float[A
 
   Query head n uses key/value head n // (h / k) (Ainslie et al. 2023). Query
   i sees key j iff k_pos[j] <= q_pos[i] and (window == 0 or
-  q_pos[i] - k_pos[j] < window) and k_valid[j].
+  q_pos[i] - k_pos[j] < window) and k_valid[j]. Positions are [b, t] / [b, s],
+  or [t] / [s] when every sequence of the batch shares them.
   """
   b, t, h, e = q.shape
   kv = k.shape[2]
   qg = q.reshape(b, t, kv, h // kv, e)
   scores = jnp.einsum("btkge,bske->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(e)
-  diff = q_pos[:, :, None] - k_pos[:, None, :]  # [b, t, s]
+  # Positions shared by the whole batch ([t], the training path) give a [t, s]
+  # mask that XLA builds from iotas inside the softmax fusion; per-sequence
+  # positions ([b, t]) give a [b, t, s] mask that the backward pass must keep
+  # for every layer (docs/performance.md).
+  diff = q_pos[..., :, None] - k_pos[..., None, :]  # [b, t, s] or [t, s]
   mask = diff >= 0
   if window:
     mask &= diff < window
   if k_valid is not None:
-    mask &= k_valid[:, None, :]
+    mask &= k_valid[..., None, :]
   # A finite floor rather than -inf: a fully masked row (never produced by our
   # callers, but cheap to guard) gives a uniform softmax instead of NaN.
-  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  scores = jnp.where(mask[..., None, None, :, :], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   ctx = jnp.einsum("bkgts,bske->btkge", probs, v, preferred_element_type=jnp.float32)
   return ctx.reshape(b, t, h, e).astype(v.dtype)
@@ -79,11 +85,12 @@ class Block(nnx.Module):
   """One pre-norm decoder block."""
 
   def __init__(self, d: int, heads: int, kv_heads: int, mlp_ratio: int, *, window: int, rope_base: float,
-               dropout: float, param_dtype, dtype, rngs: nnx.Rngs):
+               dropout: float, param_dtype, dtype, rngs: nnx.Rngs, attention: str = "xla", attention_block: int = 512):
     if d % heads or heads % kv_heads:
       raise ValueError(f"need heads | d and kv_heads | heads, got d={d} heads={heads} kv_heads={kv_heads}")
     e = d // heads
     self.window, self.rope_base, self.rate, self.dtype = window, rope_base, dropout, dtype
+    self.impl, self.block = attention, attention_block  # wm/models/attention.py
     kw = dict(param_dtype=param_dtype, dtype=dtype)
     self.attn_norm = L.RMSNorm(d, **kw)
     self.q = L.Dense(d, (heads, e), axes=("embed", "heads", "head_dim"), rngs=rngs, **kw)
@@ -105,12 +112,13 @@ class Block(nnx.Module):
     ctx = _tag(ctx, "attn_context")
     x = x + L.dropout(_tag(self.o(ctx), "attn_out"), self.rate, keys[0])
     hidden = _tag(self.up(self.mlp_norm(x)), "mlp_hidden")
-    x = x + L.dropout(self.down(jax.nn.gelu(hidden)), self.rate, keys[1])
+    x = x + L.dropout(self.down(L.gelu(hidden)), self.rate, keys[1])
     return parallel.constrain(x, ("batch", "length", None))
 
-  def __call__(self, x: Hidden, positions: Int[Array, "b t"], dropout_key: jax.Array | None = None) -> Hidden:
+  def __call__(self, x: Hidden, positions: Int[Array, "b t"] | Int[Array, "t"], dropout_key: jax.Array | None = None) -> Hidden:
     q, k, v = self._qkv(x, positions)
-    ctx = attention(q, k, v, positions, positions, window=self.window)
+    ctx = attention_lib.attend(q, k, v, positions, positions, window=self.window, implementation=self.impl,
+                               block=self.block, reference=attention)
     keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
     return self._finish(x, ctx, keys)
 
@@ -135,7 +143,7 @@ class TransformerStack(nnx.Module):
 
   def __init__(self, d: int, layers: int, heads: int, kv_heads: int, mlp_ratio: int, *, window: int = 0,
                rope_base: float = 10_000.0, dropout: float = 0.0, param_dtype=jnp.float32, dtype=jnp.float32,
-               remat_policy: str = "none", rngs: nnx.Rngs):
+               remat_policy: str = "none", attention: str = "xla", attention_block: int = 512, rngs: nnx.Rngs):
     R.checkpoint_policy(remat_policy, REMAT_TAGS)  # fail at construction on a bad policy name
     self.d, self.num_layers, self.kv_heads, self.head_dim = d, layers, kv_heads, d // heads
     self.window, self.rate, self.dtype, self.remat_policy = window, dropout, dtype, remat_policy
@@ -146,7 +154,8 @@ class TransformerStack(nnx.Module):
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make(rngs):
       return Block(d, heads, kv_heads, mlp_ratio, window=window, rope_base=rope_base, dropout=dropout,
-                   param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+                   param_dtype=param_dtype, dtype=dtype, rngs=rngs, attention=attention,
+                   attention_block=attention_block)
 
     self.blocks = make(rngs)
     self.final_norm = L.RMSNorm(d, param_dtype=param_dtype, dtype=dtype)
@@ -160,14 +169,14 @@ class TransformerStack(nnx.Module):
 
     Args:
       x: embeddings [b, t, d] (any conditioning already added).
-      positions: absolute positions [b, t] or [t]; 0..t-1 by default.
+      positions: absolute positions [b, t] or [t] (shared by the batch); 0..t-1 by default.
       dropout_key: enables dropout on the residual branches when the rate is > 0.
       use_scan: False applies the same parameters in a Python loop (the
         reference the scan is tested against; compiles L copies).
     """
-    b, t = x.shape[:2]
-    positions = jnp.arange(t, dtype=jnp.int32) if positions is None else positions
-    positions = jnp.broadcast_to(positions, (b, t))
+    # Default positions stay [t] (shared by the batch): rotary tables and the
+    # causal mask are then built once per length instead of once per sequence.
+    positions = jnp.arange(x.shape[1], dtype=jnp.int32) if positions is None else positions
     keys = self._layer_keys(dropout_key)
     x = parallel.constrain(x.astype(self.dtype), ("batch", "length", None))
 
@@ -231,7 +240,7 @@ class Model(nnx.Module):
     self.embed = L.Embed(config.data.vocab_size, m.d, rngs=rngs, **kw)
     self.stack = TransformerStack(m.d, m.layers, m.heads, m.kv_heads, m.mlp_ratio, window=m.window,
                                   rope_base=m.rope_base, dropout=m.dropout, remat_policy=config.remat.policy,
-                                  rngs=rngs, **kw)
+                                  attention=m.attention, attention_block=m.attention_block, rngs=rngs, **kw)
     self.head = None if m.tie_embeddings else L.Dense(m.d, config.data.vocab_size, axes=("embed", "vocab"),
                                                       rngs=rngs, **kw)
 

@@ -1,0 +1,195 @@
+"""The paper reproductions in experiments/: their grids, their plots and tables from records, their arithmetic.
+
+Nothing here trains: grids are checked by validating every point's config,
+plots run on synthetic records. The one compile is a tiny LSTM through
+remat_tradeoff's measurement (the code path its records come from).
+"""
+
+import importlib.util
+import math
+import os
+
+import pytest
+
+from wm import config as config_lib
+from wm import sweep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(name):
+  spec = importlib.util.spec_from_file_location(f"experiment_{name}", os.path.join(REPO, "experiments", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(autouse=True)
+def repo_cwd(monkeypatch):
+  monkeypatch.chdir(REPO)  # points name their configs relative to the repository
+
+
+def validated(point):
+  return config_lib.validate(config_lib.override(config_lib.load(point.config), point.overrides))
+
+
+# ---------------------------------------------------------------------------
+# Grids: every point is a valid config, names are unique, the design holds.
+
+@pytest.mark.parametrize("name", ["working_memory_tasks", "vae_table", "remat_tradeoff"])
+@pytest.mark.parametrize("preset", ["quick", "full"])
+def test_grid_points_are_valid_configs(name, preset):
+  module = load(name)
+  points = {"quick": module.quick_grid, "full": module.full_grid}[preset]()
+  sweep.check_grid(points)
+  assert points
+  for p in points:
+    validated(p)  # raises a ConfigError naming the field
+
+
+@pytest.mark.parametrize("preset", ["quick", "full"])
+def test_nback_windows_straddle_the_step(preset):
+  wmt = load("working_memory_tasks")
+  points = {"quick": wmt.quick_grid, "full": wmt.full_grid}[preset]()
+  nback = [validated(p) for p in points if p.labels["task"] == "nback" and p.labels["family"] == "transformer"]
+  n = nback[0].data.nback
+  windows = sorted(c.model.window for c in nback)
+  # One layer: a window of w reaches w - 1 back, so the step is between n and n + 1.
+  assert all(c.model.layers == 1 for c in nback)
+  assert n in windows and n + 1 in windows and min(windows) < n and max(windows) > n + 1
+
+
+def test_nback_reach_matches_the_attention_mask():
+  """The window semantics the n-back grid relies on, read off the attention function itself."""
+  import jax
+  import jax.numpy as jnp
+  from wm.models.transformer import attention
+
+  t, n = 12, 5
+  pos = jnp.arange(t)[None]
+  k = jax.random.normal(jax.random.PRNGKey(0), (1, t, 1, 4))
+  for window, reaches in ((n, False), (n + 1, True)):
+    grad = jax.grad(lambda v: attention(k, k, v, pos, pos, window=window)[0, t - 1, 0, 0])(jnp.ones((1, t, 1, 4)))
+    assert bool(grad[0, t - 1 - n, 0, 0] != 0) == reaches, window
+
+
+def test_vae_rows_share_width_data_and_steps():
+  vae = load("vae_table")
+  configs = {p.name: validated(p) for p in vae.quick_grid()}
+  assert set(configs) == {"lstm_lm", *vae.ROWS}
+  shared = {(c.model.d, c.model.layers, c.data.seq_len, c.data.batch_size, c.train.steps, c.data.text_source,
+             c.optim.lr, c.train.eval_batches) for c in configs.values()}
+  assert len(shared) == 1
+  plain = configs["vae"].model
+  assert (plain.kl_schedule, plain.word_dropout, plain.free_bits) == ("constant", 0.0, 0.0)
+  tricks = configs["vae_anneal_wd_fb"].model
+  assert tricks.kl_schedule == "linear" and tricks.word_dropout > 0 and tricks.free_bits > 0
+  assert configs["vae_cyclical"].model.kl_schedule == "cyclical"
+
+
+def test_remat_points_train_nothing_and_cover_every_policy():
+  remat = load("remat_tradeoff")
+  points = remat.quick_grid()
+  assert all(validated(p).train.steps == 0 for p in points)
+  policies = {policy.split(":")[0] for _, policy, _ in remat.TRANSFORMER_VARIANTS}
+  assert policies == {"none", "full", "dots", "dots_no_batch", "save", "offload"}
+  assert (-1 in {chunk for _, _, chunk in remat.LSTM_VARIANTS})  # k = sqrt(T)
+  lstm_lengths = sorted(p.labels["seq_len"] for p in points if p.labels["family"] == "lstm")
+  assert lstm_lengths[0] == 256 and lstm_lengths[-1] == 4096
+
+
+# ---------------------------------------------------------------------------
+# Arithmetic the tables rest on.
+
+def test_fit_exponent_recovers_a_power_law():
+  remat = load("remat_tradeoff")
+  lengths = [256, 512, 1024, 2048, 4096]
+  assert remat.fit_exponent(lengths, [3.0 * t ** 0.5 for t in lengths]) == pytest.approx(0.5)
+  assert remat.fit_exponent(lengths, [7.0 * t for t in lengths]) == pytest.approx(1.0)
+
+
+def test_vae_summary_puts_every_row_in_nats_per_sequence():
+  vae = load("vae_table")
+  lm = {"row": "lstm_lm", "bytes_per_token": 1.0, "eval": {"nll": 1.5, "eval_tokens": 640, "eval_examples": 10}}
+  v = {"row": "vae", "bytes_per_token": 1.0, "active_units": 3,
+       "eval": {"nll": 1.6, "iw_nll_per_token": 1.55, "kl": 2.0, "eval_tokens": 640, "eval_examples": 10}}
+  assert vae.summary(lm)["nll"] == pytest.approx(1.5 * 64)
+  assert vae.summary(v)["nll"] == pytest.approx(1.55 * 64)
+  assert vae.summary(v)["elbo_nll"] == pytest.approx(1.6 * 64)
+  assert vae.summary(v)["bits_per_byte"] == pytest.approx(1.55 / math.log(2))
+
+
+# ---------------------------------------------------------------------------
+# Plots and tables from synthetic records (no JAX work).
+
+COMMON = {"jax_version": "0", "backend": "cpu", "device_kind": "cpu", "num_devices": 1, "tokens_per_s": 1000.0,
+          "param_count": 12345, "steps": 10, "model": {"d": 64, "layers": 1}}
+
+
+def outputs(out, stems):
+  for stem in stems:
+    for ext in ("png", "svg"):
+      assert (out / f"{stem}.{ext}").stat().st_size > 0
+  return (out / "table.md").read_text()
+
+
+def test_working_memory_plot(tmp_path):
+  wmt = load("working_memory_tasks")
+  records = []
+  for p in wmt.quick_grid():
+    w = p.labels["window"]
+    acc = 0.9 if p.labels["family"] == "lstm" else float(w is not None and w > 8)
+    records.append({**COMMON, "name": p.name, **p.labels, "overrides": p.overrides, "state_bytes": 64 * (w or 2),
+                    "eval": {"accuracy": acc, "loss": 0.1, "eval_tokens": 100}})
+  wmt.plot(records, str(tmp_path), "quick")
+  text = outputs(tmp_path, ["accuracy_vs_state_bytes"])
+  assert text.count("\n| ") == len(records)
+  assert "8-back, T=32, V=16" in text
+
+
+def test_vae_plot(tmp_path):
+  vae = load("vae_table")
+  records = []
+  for i, p in enumerate(vae.quick_grid()):
+    ev = {"nll": 1.5 + 0.01 * i, "eval_tokens": 640, "eval_examples": 10, "kl": 0.5 * i,
+          "iw_nll_per_token": 1.5 + 0.005 * i}
+    records.append({**COMMON, "name": p.name, **p.labels, "overrides": p.overrides, "eval": ev,
+                    "bytes_per_token": 1.0, "active_units": i, "latent_dim": 16})
+  vae.plot(records, str(tmp_path), "quick")
+  text = outputs(tmp_path, ["vae_table"])
+  # The last row's bound is 5 * 0.005 / 1.5 above the LM's.
+  assert f"{100 * 0.025 / 1.5:+.2f}%" in text
+  assert "5/16" in text
+
+
+def test_remat_plot(tmp_path):
+  remat = load("remat_tradeoff")
+  records = []
+  for p in remat.quick_grid():
+    t = p.labels["seq_len"]
+    variants = []
+    for name, policy, chunk in remat.variants(p.labels["family"]):
+      temp = t if name in ("none", "no chunks") else 10 * t ** 0.5
+      variants.append({"name": name, "policy": policy, "time_chunk": chunk, "chunk": None, "temp_size_in_bytes": temp,
+                       "total_bytes": temp + 100, "step_time": 0.1 if name in ("none", "no chunks") else 0.13,
+                       "compile_seconds": 1.0})
+    records.append({**COMMON, "name": p.name, **p.labels, "variants": variants})
+  remat.plot(records, str(tmp_path), "quick")
+  text = outputs(tmp_path, ["remat_vs_length", "remat_frontier"])
+  assert "lstm k=sqrt(T): temp ~ T^0.500" in text
+  assert "lstm no chunks: temp ~ T^1.000" in text
+
+
+# ---------------------------------------------------------------------------
+# The measurement itself, on a tiny LSTM.
+
+def test_remat_measure_variants_on_a_tiny_lstm():
+  remat = load("remat_tradeoff")
+  config = config_lib.validate(config_lib.override(config_lib.load("configs/text_lstm.py:quick"), {
+      "data.seq_len": 64, "data.batch_size": 2, "model.d": 8, "model.layers": 1, "mesh.num_devices": 1,
+      "train.steps": 0}))
+  runs = remat.measure_variants(config, timed_steps=1, names=["no chunks", "k=sqrt(T)"])["variants"]
+  assert [r["name"] for r in runs] == ["no chunks", "k=sqrt(T)"]
+  assert [r["chunk"] for r in runs] == [0, 8]  # k = sqrt(64)
+  for r in runs:
+    assert r["temp_size_in_bytes"] > 0 and len(r["step_times"]) == 1 and r["step_time"] > 0
