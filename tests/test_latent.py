@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from wm import config as config_lib
+from wm import models
 from wm import parallel
 from wm import step as step_lib
 from wm.models import latent
@@ -44,7 +45,7 @@ def tiny(name, **overrides):
 
 @functools.lru_cache(maxsize=None)
 def _built(name, items):
-  cls = {"vae": latent.SequenceVAE, "mixture": latent.Mixture, "vrnn": latent.VRNN}[name]
+  cls = models.model_class(name)
   return cls(tiny(name, **dict(items)), rngs=nnx.Rngs(0))
 
 
@@ -339,7 +340,7 @@ def test_greedy_decoding_matches_the_teacher_forced_decoder(decoder):
 
 def test_state_bytes_follow_the_design_definition():
   def abstract(name, **overrides):  # shapes only: state_bytes reads no parameter values
-    cls = {"vae": latent.SequenceVAE, "mixture": latent.Mixture, "vrnn": latent.VRNN}[name]
+    cls = models.model_class(name)
     return nnx.eval_shape(lambda: cls(tiny(name, **overrides), rngs=nnx.Rngs(0)))
 
   vae = abstract("vae")  # LSTM decoder: code + layers * 2 * d, float32

@@ -448,7 +448,7 @@ def _activations(config: ml_collections.ConfigDict, dims: _Dims, levers: Levers,
                  param_bytes: float, backend: str, cal: calibration.Table) -> _Acts:
   """Saved activations and transients of the config's model family.
 
-  The latent models reuse the stacks (wm/models/latent.py):
+  The latent models reuse the stacks (wm/models/latent.py, vae.py, mixture.py, vrnn.py):
 
     vae       an encoder stack (model.encoder) and a decoder stack
               (model.decoder) over the same tokens: saved bytes add; the

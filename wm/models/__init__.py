@@ -27,9 +27,9 @@ nnx.use_eager_sharding(False)
 FAMILIES = {
     "lstm": ("lstm", "Model"),
     "transformer": ("transformer", "Model"),
-    "vae": ("latent", "SequenceVAE"),
-    "mixture": ("latent", "Mixture"),
-    "vrnn": ("latent", "VRNN"),
+    "vae": ("vae", "SequenceVAE"),
+    "mixture": ("mixture", "Mixture"),
+    "vrnn": ("vrnn", "VRNN"),
 }
 
 
