@@ -148,7 +148,7 @@ def importance_weighted_bound(log_w: Float[Array, "s ..."]) -> jax.Array:
   A lower bound on log p(x) for any s; s = 1 is the ELBO's Monte Carlo
   estimate, and its expectation never decreases with s (Burda et al. thm. 1).
   """
-  return jax.nn.logsumexp(log_w, axis=0) - math.log(log_w.shape[0])
+  return jax.nn.logsumexp(log_w, axis=0, b=1.0 / log_w.shape[0])
 
 
 def active_units(mu: Float[Array, "n z"], mask: Float[Array, "n"] | None = None) -> jax.Array:
