@@ -271,6 +271,19 @@ def record_config(workdir: str, record: dict[str, Any], resumed_from: int | None
     f.write(json.dumps(line, default=str) + "\n")
 
 
+def _metric_lines(workdir: str):
+  """(raw line, parsed record) of each whole line of metrics.jsonl; a line cut short by a crash is skipped."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    for line in f:
+      try:
+        yield line, json.loads(line)
+      except ValueError:
+        continue
+
+
 def cut_metrics(workdir: str, last_step: int | None) -> None:
   """Drops metrics.jsonl lines past `last_step` (all of them when None), so a resumed run logs each step once.
 
@@ -281,15 +294,8 @@ def cut_metrics(workdir: str, last_step: int | None) -> None:
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return
-  kept = []
-  with open(path) as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-      except ValueError:
-        continue
-      if last_step is not None and record.get("step", 0) <= last_step:
-        kept.append(line if line.endswith("\n") else line + "\n")
+  kept = [line if line.endswith("\n") else line + "\n" for line, record in _metric_lines(workdir)
+          if last_step is not None and record.get("step", 0) <= last_step]
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     f.writelines(kept)
@@ -298,16 +304,8 @@ def cut_metrics(workdir: str, last_step: int | None) -> None:
 
 def last_eval(workdir: str, step: int) -> dict[str, Any] | None:
   """The eval line logged at `step`, without its step and split (None if there is none)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return None
   found = None
-  with open(path) as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-      except ValueError:
-        continue
-      if record.get("split") == "eval" and record.get("step") == step:
-        found = {k: v for k, v in record.items() if k not in ("step", "split")}
+  for _, record in _metric_lines(workdir):
+    if record.get("split") == "eval" and record.get("step") == step:
+      found = {k: v for k, v in record.items() if k not in ("step", "split")}
   return found
