@@ -16,7 +16,11 @@ round so that load from other processes falls on all of them alike; the step
 time is the median of the timed rounds after one warm-up call. For each LSTM
 variant a least-squares line through log(temp) against log(T) gives the
 exponent of its growth: sqrt(T) checkpointing should give 0.5 (Chen et al.
-2016), no chunking 1.
+2016), no chunking 1. Part of temp does not grow with T at all (the
+gradients, the optimizer update), which pulls the fitted exponent of a
+sublinear variant below its asymptote; so every point also compiles its
+first variant at T = 2 (`floor`: temp with next to no activations), and the
+table adds the exponent of temp - floor, the part that grows with T.
 
 The papers' trade-offs, drawn on the frontier figure beside ours:
   Chen et al. 2016: O(sqrt(n)) memory for one extra forward pass (~+33% time
@@ -61,6 +65,7 @@ TRANSFORMER_VARIANTS = [
 ]
 LSTM_VARIANTS = [("no chunks", "none", 0), ("k=sqrt(T)", "none", -1), ("k=16", "none", 16), ("k=64", "none", 64)]
 TIMED_STEPS = 5  # after one warm-up call (which also allocates); the median is reported
+FLOOR_LENGTH = 2  # the shortest sequence a config accepts: temp there is what does not grow with T
 
 QUICK = {
     "transformer": dict(d=128, layers=4, heads=4, batch=2, lengths=(256, 512, 1024, 2048)),
@@ -119,7 +124,8 @@ def measure_variants(config, timed_steps: int = TIMED_STEPS, names: list[str] | 
 
   Returns:
     {"variants": [one dict per variant: name, policy, time_chunk, chunk,
-    every memory field, flops, compile_seconds, step_times (s), step_time (median)]}.
+    every memory field, flops, compile_seconds, step_times (s), step_time (median)],
+    "floor": {seq_len, temp_size_in_bytes, total_bytes} of the first variant at T = FLOOR_LENGTH}.
   """
   import jax
   from wm import config as config_lib, step as step_lib
@@ -153,7 +159,14 @@ def measure_variants(config, timed_steps: int = TIMED_STEPS, names: list[str] | 
     run["step_time"] = statistics.median(run["step_times"])
     for key in [k for k in run if k.startswith("_")]:
       del run[key]
-  return {"variants": runs}
+  # The T-independent part of temp: the same step at T = 2, where the activations are a few bytes.
+  _, policy, _ = variants(config.model.name)[0]
+  cfg = config_lib.validate(config_lib.override(config, {"remat.policy": policy, "remat.time_chunk": 0,
+                                                         "data.seq_len": FLOOR_LENGTH}))
+  fields = measure.memory_fields(measure.compiled_step(cfg)[0])
+  floor = {"seq_len": FLOOR_LENGTH, "temp_size_in_bytes": fields["temp_size_in_bytes"],
+           "total_bytes": fields["total_bytes"]}
+  return {"variants": runs, "floor": floor}
 
 
 def record_extra(config, result: dict) -> dict:
@@ -166,8 +179,10 @@ def rows(records: list[dict]) -> list[dict]:
   out = []
   for r in records:
     base = r["variants"][0]  # "none" / "no chunks" comes first
+    floor = r.get("floor", {}).get("temp_size_in_bytes")  # records before the floor was measured have none
     for v in r["variants"]:
-      out.append({"family": r["family"], "seq_len": r["seq_len"], **v,
+      out.append({"family": r["family"], "seq_len": r["seq_len"], **v, "floor_temp": floor,
+                  "temp_above_floor": None if floor is None else v["temp_size_in_bytes"] - floor,
                   "temp_ratio": v["temp_size_in_bytes"] / base["temp_size_in_bytes"],
                   "total_ratio": v["total_bytes"] / base["total_bytes"],
                   "time_ratio": v["step_time"] / base["step_time"]})
@@ -185,8 +200,8 @@ def exponents(flat: list[dict], family: str, field: str = "temp_size_in_bytes") 
   """Fitted growth exponent of `field` against T for every variant of `family` (needs >= 2 lengths)."""
   out = {}
   for name in dict.fromkeys(r["name"] for r in flat if r["family"] == family):
-    pts = sorted((r["seq_len"], r[field]) for r in flat if r["family"] == family and r["name"] == name)
-    if len(pts) >= 2:
+    pts = sorted((r["seq_len"], r.get(field)) for r in flat if r["family"] == family and r["name"] == name)
+    if len(pts) >= 2 and all(v is not None and v > 0 for _, v in pts):
       out[name] = fit_exponent([t for t, _ in pts], [v for _, v in pts])
   return out
 
@@ -208,6 +223,10 @@ def plot(records: list[dict], out: str, preset: str) -> None:
       label = f"{name} (T^{fits[name]:.2f})" if name in fits else name
       axes[0][col].plot(t, [r["temp_size_in_bytes"] / 2**20 for r in pts], marker="o", label=label)
       axes[1][col].plot(t, [r["step_time"] * 1e3 for r in pts], marker="o", label=name)
+    floors = {r["floor_temp"] for r in flat if r["family"] == family and r["floor_temp"] is not None}
+    if len(floors) == 1:  # one model per family: the same floor at every T
+      axes[0][col].axhline(floors.pop() / 2**20, color="gray", ls="--", lw=0.8,
+                           label=f"temp at T={FLOOR_LENGTH} (does not grow with T)")
     title = "Transformer: remat policy" if family == "transformer" else "LSTM: time chunk k"
     axes[0][col].set_title(f"{title}; compiled temp", fontsize=9)
     axes[1][col].set_title(f"{title}; step time (median)", fontsize=9)
@@ -257,9 +276,13 @@ def plot(records: list[dict], out: str, preset: str) -> None:
                   f"{r['step_time'] * 1e3:.1f} ms", f"{r['time_ratio']:.2f}", f"{r['compile_seconds']:.1f}"])
   fits = []
   for family in families:
+    above = exponents(flat, family, "temp_above_floor")
     for name, slope in exponents(flat, family).items():
       total = exponents(flat, family, "total_bytes")[name]
-      fits.append(f"{family} {name}: temp ~ T^{slope:.3f}, total ~ T^{total:.3f}")
+      fit = f"{family} {name}: temp ~ T^{slope:.3f}, total ~ T^{total:.3f}"
+      if name in above:
+        fit += f", temp - temp at T={FLOOR_LENGTH} ~ T^{above[name]:.3f}"
+      fits.append(fit)
   m = records[0]["model"]
   note = ("Fitted exponents (least squares of log bytes against log T over the lengths above):\n\n"
           + "\n".join(f"- {f}" for f in fits)
@@ -267,6 +290,10 @@ def plot(records: list[dict], out: str, preset: str) -> None:
             f"alias + temp (DESIGN.md). Step time: median of {TIMED_STEPS} steps after a warm-up, variants "
             f"alternating on the same batch. {records[0]['backend']} ({records[0]['device_kind']}), jax "
             f"{records[0]['jax_version']}; first record's model d={m['d']}, layers={m['layers']}.")
+  floors = sorted({(r["family"], r["floor_temp"]) for r in flat if r["floor_temp"] is not None})
+  if floors:
+    note += ("\n\nTemp of the same step at T=" + str(FLOOR_LENGTH) + " without remat (what does not grow with T: "
+             "gradients, optimizer update): " + ", ".join(f"{f} {format_bytes(b)}" for f, b in floors) + ".")
   print(sweep.write_table(out, header, table, align="lrlrrrrrr", note=note))
 
 

@@ -165,19 +165,26 @@ def test_vae_plot(tmp_path):
 def test_remat_plot(tmp_path):
   remat = load("remat_tradeoff")
   records = []
+  floor = 500  # LSTM records carry the temp of the same step at T=2; the Transformer's (older) do not
   for p in remat.quick_grid():
-    t = p.labels["seq_len"]
+    t, lstm = p.labels["seq_len"], p.labels["family"] == "lstm"
     variants = []
     for name, policy, chunk in remat.variants(p.labels["family"]):
       temp = t if name in ("none", "no chunks") else 10 * t ** 0.5
+      temp += floor if lstm else 0
       variants.append({"name": name, "policy": policy, "time_chunk": chunk, "chunk": None, "temp_size_in_bytes": temp,
                        "total_bytes": temp + 100, "step_time": 0.1 if name in ("none", "no chunks") else 0.13,
                        "compile_seconds": 1.0})
-    records.append({**COMMON, "name": p.name, **p.labels, "variants": variants})
+    extra = {"floor": {"seq_len": 2, "temp_size_in_bytes": floor, "total_bytes": floor + 100}} if lstm else {}
+    records.append({**COMMON, "name": p.name, **p.labels, "variants": variants, **extra})
   remat.plot(records, str(tmp_path), "quick")
   text = outputs(tmp_path, ["remat_vs_length", "remat_frontier"])
-  assert "lstm k=sqrt(T): temp ~ T^0.500" in text
-  assert "lstm no chunks: temp ~ T^1.000" in text
+  assert "transformer full: temp ~ T^0.500" in text
+  # The floor pulls the whole temp's exponent down (500 + 10 sqrt(T) fits T^0.197 over T = 256-4096);
+  # above the floor the growth is the variant's own.
+  assert "lstm k=sqrt(T): temp ~ T^0.197, total ~ T^0.176, temp - temp at T=2 ~ T^0.500" in text
+  assert "lstm no chunks: temp ~ T^0.654, total ~ T^0.616, temp - temp at T=2 ~ T^1.000" in text
+  assert "temp - temp at T=2" not in text.split("transformer full:")[1].split("\n")[0]
 
 
 # ---------------------------------------------------------------------------
@@ -188,8 +195,12 @@ def test_remat_measure_variants_on_a_tiny_lstm():
   config = config_lib.validate(config_lib.override(config_lib.load("configs/text_lstm.py:quick"), {
       "data.seq_len": 64, "data.batch_size": 2, "model.d": 8, "model.layers": 1, "mesh.num_devices": 1,
       "train.steps": 0}))
-  runs = remat.measure_variants(config, timed_steps=1, names=["no chunks", "k=sqrt(T)"])["variants"]
+  measured = remat.measure_variants(config, timed_steps=1, names=["no chunks", "k=sqrt(T)"])
+  runs, floor = measured["variants"], measured["floor"]
   assert [r["name"] for r in runs] == ["no chunks", "k=sqrt(T)"]
   assert [r["chunk"] for r in runs] == [0, 8]  # k = sqrt(64)
   for r in runs:
     assert r["temp_size_in_bytes"] > 0 and len(r["step_times"]) == 1 and r["step_time"] > 0
+  # k = sqrt(64) keeps less than no chunks, and both more than the same step at T = 2.
+  assert runs[1]["temp_size_in_bytes"] < runs[0]["temp_size_in_bytes"]
+  assert 0 < floor["temp_size_in_bytes"] < runs[1]["temp_size_in_bytes"] and floor["seq_len"] == 2

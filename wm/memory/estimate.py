@@ -21,7 +21,9 @@ derivations are in the docstrings of `_transformer_layer`, `_lstm_layer` and
 `_activations`). Both stacks scan over layers, so every layer's saved tensors
 are alive together when the backward pass starts, next to every gradient
 (the scan's stacked gradient buffer) and, with microbatches, the gradient
-accumulator.
+accumulator. The LSTM language model in time chunks saves only the carries
+between chunks, and holds one chunk's activations at a time and a gradient
+accumulator over the chunks (`_lstm_time_chunks`).
 
 Transient: the largest working set on top of those: the loss head (logits
 and their gradient), or the backward pass of one layer (which, under remat,
@@ -222,6 +224,10 @@ class _Acts:
   layer_transient: float  # one layer's backward working set (with recomputation)
   head_transient: float  # logits, their gradient and the loss head
   detail: dict[str, Any]
+  # Gradient-sized buffers the backward pass adds to the one gradient: a scan
+  # over time chunks that sums every chunk's parameter gradients holds its
+  # running sum and the chunk's own, as microbatches do (`estimate`).
+  extra_grads: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,6 +367,10 @@ def _lstm_layer(config: ml_collections.ConfigDict, dims: _Dims, policy: str,
                 time_chunk: int, backend: str, cal: calibration.Table) -> tuple[float, float, dict[str, Any]]:
   """Saved bytes of one LSTM layer and the backward working set of one layer (per device).
 
+  For an `LSTMStack` run over the whole sequence: the latent models' stacks,
+  and the LSTM language model without time chunks (with them it runs the
+  stack unchunked over each chunk, `_lstm_time_chunks`).
+
   Derivation (wm/models/lstm.py). The input projection x W_x + b is one
   matmul over all steps, x_proj [t, b, 4d]; the time scan runs the cell
 
@@ -432,6 +442,38 @@ def _lstm_layer(config: ml_collections.ConfigDict, dims: _Dims, policy: str,
   return saved, transient, {"saved_per_layer": int(saved), "time_chunk": k, "host_per_layer": int(host)}
 
 
+def _lstm_time_chunks(config: ml_collections.ConfigDict, dims: _Dims, levers: Levers, k: int, backend: str,
+                      cal: calibration.Table) -> _Acts:
+  """The LSTM language model run in time chunks of k < t steps (wm/models/lstm.py, `Model.loss`).
+
+  One scan over the t/k chunks runs the whole model a chunk at a time
+  (embedding, every layer, norm, head and loss), each chunk rematerialized
+  whole (Chen et al. 2016, sec. 4). Its forward pass keeps only the carry
+  entering each chunk, every layer's (h, c) in the compute dtype:
+
+      saved = (t / k) * layers * 2 * b * d
+
+  and its backward pass holds one chunk's: the unchunked model on k steps,
+  i.e. the saved activations of every layer under the layer policy
+  (`_lstm_layer` at t = k) plus the larger of one layer's backward pass and
+  the loss head, at b * k tokens. Nothing [b, t, ...] is alive but the
+  batch, so at k = sqrt(t) both parts grow as sqrt(t); what does not grow
+  with t (gradients, optimizer state and update) is counted by `estimate`
+  as for any model, but the backward pass of the chunk scan holds two sets
+  of parameter gradients, the sum over the chunks so far and the chunk's
+  own (`_Acts.extra_grads`), as gradient accumulation over microbatches does.
+  """
+  layers = config.model.layers
+  chunk_dims = dataclasses.replace(dims, t=k)
+  per_layer, layer_transient, detail = _lstm_layer(config, chunk_dims, levers.policy, 0, backend, cal)
+  head = _head_transient(chunk_dims, cal)
+  # The chunk's own saved activations are alive through its backward pass, widened like any saved activations.
+  chunk_saved = layers * per_layer * cal.saved_scale.get(config.precision.compute_dtype, 1.0)
+  carries = (dims.t // k) * layers * 2 * dims.b * dims.d * dims.c
+  detail = dict(detail, time_chunk=k, chunk_carries=int(carries), chunk_saved=int(chunk_saved))
+  return _Acts(carries, chunk_saved + layer_transient, chunk_saved + head, detail, extra_grads=1)
+
+
 def _stack_acts(config: ml_collections.ConfigDict, kind: str, dims: _Dims, levers: Levers,
                 layer_param_bytes: float, backend: str,
                 cal: calibration.Table) -> tuple[float, float, dict[str, Any]]:
@@ -473,6 +515,10 @@ def _activations(config: ml_collections.ConfigDict, dims: _Dims, levers: Levers,
   m = config.model
   tokens = dims.b * dims.t
   name = m.name
+  if name == "lstm":
+    k = remat_lib.resolve_time_chunk(levers.time_chunk, dims.t)
+    if 0 < k < dims.t:
+      return _lstm_time_chunks(config, dims, levers, k, backend, cal)
   if name in ("transformer", "lstm"):
     saved, transient, detail = _stack_acts(config, name, dims, levers, layer_param_bytes, backend, cal)
     return _Acts(saved, transient, _head_transient(dims, cal), detail)
@@ -555,12 +601,12 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     if "layers" in names:  # a scanned layer's weights are gathered whole (over fsdp) while it runs
       stack_bytes += whole
   grads = params  # gradients in the parameter dtype, sharded like the parameters (ZeRO-2/3 under FSDP)
-  live_grads = grads * (2 if levers.microbatches > 1 else 1)  # accumulator + this microbatch's
-
   dims = _dims(config, sizes, levers.microbatches, levers)
   batch_ways = math.prod(sizes.get(a, 1) for a in _axes(rules.get("batch")))
   layer_param_bytes = stack_bytes / max(config.model.layers, 1)
   acts = _activations(config, dims, levers, layer_param_bytes, params, backend, cal)
+  # accumulator + this microbatch's, + the sum over time chunks and this chunk's
+  live_grads = grads * (1 + (levers.microbatches > 1) + acts.extra_grads)
   # The compiler may keep more than the model code saves (calibration.Table.saved_scale).
   acts = dataclasses.replace(acts, saved=acts.saved * cal.saved_scale.get(config.precision.compute_dtype, 1.0))
   # inputs and targets int32, weights f32, this device's rows.

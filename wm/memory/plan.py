@@ -36,7 +36,8 @@ every matmul, plus attention's QK^T and AV, Kaplan et al. 2020 sec. 2.1), r
 the fraction recomputed by the policy (full: the whole layer stack; dots: only
 elementwise work, ~1%; dots_no_batch: attention's batched einsums; save:<tag>:
 the layer minus the matmuls upstream of the kept tensor; time chunks: one more
-forward pass of the recurrence, Chen et al. 2016). Communication: data
+forward pass of the recurrence, Chen et al. 2016, and for the LSTM language
+model, which runs the whole model chunk by chunk, of the whole model). Communication: data
 parallelism all-reduces gradients (2 (n-1)/n P); FSDP all-gathers parameters
 for the forward and again for the backward pass (and for recomputation under
 remat) and reduce-scatters gradients, each (f-1)/f P per microbatch
@@ -59,6 +60,7 @@ from wm import config as config_lib
 from wm import models, parallel
 from wm.config import format_bytes
 from wm.memory import calibration, estimate as estimate_lib
+from wm.models import remat as remat_lib
 
 FLOPS_PER_ICI_BYTE = 1000.0
 FLOPS_PER_HBM_BYTE = 240.0
@@ -265,6 +267,11 @@ def cost(config: ml_collections.ConfigDict, policy: str, microbatches: int, time
   n = math.prod(mesh.values())
   total, stack, parts = _forward_flops(config)
   r = _recompute_fraction(policy, parts, time_chunk, stack)
+  t = config.data.seq_len
+  if config.model.name == "lstm" and 0 < remat_lib.resolve_time_chunk(time_chunk, t) < t:
+    # Model.loss reruns each chunk's whole forward pass (embedding to loss) before
+    # its backward pass, and the layer policy recomputes inside that as without chunks.
+    r = _recompute_fraction(policy, parts, 0, stack) + total / stack
   if attention == "chunked" and "attention" in parts:
     # FlashAttention's backward pass recomputes the scores (QK^T), half the attention FLOPs (Dao et al. 2022).
     r += parts["attention"] / 2 / stack

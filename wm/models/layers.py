@@ -226,6 +226,33 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def lm_loss_sums(logits: Logits, targets: Tokens, weights: Weights) -> dict[str, jax.Array]:
+  """The weighted sums behind `lm_loss`'s metrics, float32 scalars.
+
+  Sums add over disjoint slices of a batch, so a model that computes its loss
+  one time chunk at a time (wm/models/lstm.py) adds these per chunk and
+  finishes once with `lm_loss_from_sums`, getting the metrics of `lm_loss`.
+
+  Returns:
+    {"xent": sum(weights * xent), "correct": sum(weights * (argmax == target)),
+    "weight": sum(weights)}.
+  """
+  logits = logits.astype(jnp.float32)
+  weights = weights.astype(jnp.float32)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  xent = logz - target_logit
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return {"xent": jnp.sum(weights * xent), "correct": jnp.sum(weights * correct), "weight": jnp.sum(weights)}
+
+
+def lm_loss_from_sums(sums: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`lm_loss`'s (loss, metrics) from `lm_loss_sums` (or their sum over chunks)."""
+  denom = jnp.maximum(sums["weight"], 1.0)
+  loss = sums["xent"] / denom
+  return loss, {"loss": loss, "nll": loss, "accuracy": sums["correct"] / denom, "weight": sums["weight"]}
+
+
 def lm_loss(logits: Logits, targets: Tokens, weights: Weights) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Weighted next-token cross-entropy in float32.
 
@@ -234,17 +261,7 @@ def lm_loss(logits: Logits, targets: Tokens, weights: Weights) -> tuple[jax.Arra
     metrics: {"loss", "nll" (both = loss), "accuracy" (argmax == target over
       scored positions), "weight" (sum of weights)}.
   """
-  logits = logits.astype(jnp.float32)
-  weights = weights.astype(jnp.float32)
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  xent = logz - target_logit
-  total = jnp.sum(weights)
-  denom = jnp.maximum(total, 1.0)
-  loss = jnp.sum(weights * xent) / denom
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  accuracy = jnp.sum(weights * correct) / denom
-  return loss, {"loss": loss, "nll": loss, "accuracy": accuracy, "weight": total}
+  return lm_loss_from_sums(lm_loss_sums(logits, targets, weights))
 
 
 def param_count(module: nnx.Module) -> int:

@@ -8,13 +8,25 @@ gate of Gers et al. 2000), gates ordered i, f, g, o:
     h_t = sigmoid(o) * tanh(c_t)
 
 x_t W_x + b does not depend on the recurrence, so it is one big matmul over
-all time steps before the scan; only h W_h runs inside the scan. With time
-chunking (`remat.time_chunk = k`) the projection runs inside each
-rematerialized chunk instead, so the [T, b, 4d] projections and their
-gradient never exist for the whole sequence and the step's recurrent
-temporaries grow like k + T/k (Chen et al. 2016). The forget bias starts at
-`forget_bias` (Jozefowicz et al. 2015: 1.0 lets gradients flow through c
-early in training).
+all time steps before the scan; only h W_h runs inside the scan. The forget
+bias starts at `forget_bias` (Jozefowicz et al. 2015: 1.0 lets gradients flow
+through c early in training).
+
+Time chunking (`remat.time_chunk = k`, Chen et al. 2016) comes at two levels:
+
+- The language model (`Model.loss`) runs the whole model one chunk of k
+  steps at a time: one scan over the T/k chunks carries every layer's (h, c)
+  and the running loss sums, and each chunk (embedding, all layers, norm,
+  head, loss) is rematerialized whole. The backward pass keeps only the
+  carries at chunk boundaries and recomputes one chunk at a time, so no
+  [b, T, ...] tensor but the batch ever exists and the step's temporaries
+  grow like T/k + k, i.e. sqrt(T) at k = sqrt(T), on top of what does not
+  depend on T (gradients, optimizer update).
+- `LSTMStack` on its own (the latent models of wm/models/latent.py) chunks
+  each layer's time scan, projecting x W_x inside each rematerialized chunk;
+  the layer's input and output sequences, [b, T, d], still exist whole, so
+  its temporaries stay linear in T with a smaller slope. Inside the
+  language model's chunks the stack runs unchunked.
 
 Without layer remat, the gradient of the time scan is written by hand
 (`lstm_sequence`, a custom VJP, as cuDNN's and oneDNN's fused LSTMs do): the
@@ -258,7 +270,7 @@ class LSTMStack(nnx.Module):
     return x, final
 
   def __call__(self, x: Float[Array, "b t d_in"], initial_state: State | None = None, *,
-               dropout_key: jax.Array | None = None) -> tuple[Hidden, State]:
+               dropout_key: jax.Array | None = None, time_chunk: int | None = None) -> tuple[Hidden, State]:
     """Runs the stack over a sequence.
 
     Args:
@@ -266,13 +278,16 @@ class LSTMStack(nnx.Module):
       initial_state: per-layer (h, c); zeros when None.
       dropout_key: enables dropout on every layer's output (Zaremba et al.
         2014: non-recurrent connections only) when the rate is > 0.
+      time_chunk: overrides the stack's `time_chunk` for this call (0: run
+        each layer's time scan whole; `Model.loss` passes 0 inside its own
+        time chunks).
 
     Returns:
       (outputs of the last layer [b, t, d], final per-layer (h, c)).
     """
     state = initial_state if initial_state is not None else self.init_state(x.shape[0])
     state = [(h.astype(self.dtype), c.astype(self.dtype)) for h, c in state]
-    chunk = R.resolve_time_chunk(self.time_chunk, x.shape[1])
+    chunk = R.resolve_time_chunk(self.time_chunk if time_chunk is None else time_chunk, x.shape[1])
     keys = None if dropout_key is None or self.dropout <= 0 else jax.random.split(dropout_key, self.num_layers)
 
     # Layer remat policies name the cell's tagged tensors, which only the
@@ -323,19 +338,77 @@ class Model(nnx.Module):
       return self.embed.attend(x)
     return self.head(x).astype(jnp.float32)
 
-  def __call__(self, tokens: Tokens, *, dropout_key: jax.Array | None = None) -> Logits:
-    """Logits (float32) [b, t, V] for next-token prediction at every position."""
+  def _forward(self, tokens: Tokens, state: State | None, dropout_key: jax.Array | None,
+               time_chunk: int | None = None) -> tuple[Logits, State]:
+    """Logits [b, t, V] and the final per-layer (h, c) from `state` (zeros if None)."""
     keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
     x = parallel.constrain(self.embed(tokens), ("batch", "length", None))
     x = L.dropout(x, self.rate, keys[0])
-    x, _ = self.stack(x, dropout_key=keys[1])
-    return self._logits(x)
+    x, state = self.stack(x, state, dropout_key=keys[1], time_chunk=time_chunk)
+    return self._logits(x), state
+
+  def __call__(self, tokens: Tokens, *, dropout_key: jax.Array | None = None) -> Logits:
+    """Logits (float32) [b, t, V] for next-token prediction at every position."""
+    return self._forward(tokens, None, dropout_key)[0]
 
   def loss(self, batch: Batch, *, train: bool, rngs: nnx.Rngs | None = None):
-    """Weighted next-token cross-entropy; see layers.lm_loss for the metrics."""
+    """Weighted next-token cross-entropy; see layers.lm_loss for the metrics.
+
+    With `remat.time_chunk` = k < T the whole model runs one time chunk at a
+    time (`_chunked_loss_sums`); the loss, metrics and gradients are those of
+    the whole sequence, except that dropout masks differ (see there).
+    """
     key = rngs.dropout() if (train and self.rate > 0 and rngs is not None) else None
-    logits = self(batch["inputs"], dropout_key=key)
-    return L.lm_loss(logits, batch["targets"], batch["weights"])
+    chunk = R.resolve_time_chunk(self.stack.time_chunk, batch["inputs"].shape[1])
+    if 0 < chunk < batch["inputs"].shape[1]:
+      sums = self._chunked_loss_sums(batch, chunk, key)
+    else:
+      sums = L.lm_loss_sums(self(batch["inputs"], dropout_key=key), batch["targets"], batch["weights"])
+    return L.lm_loss_from_sums(sums)
+
+  def _chunked_loss_sums(self, batch: Batch, chunk: int, dropout_key: jax.Array | None) -> dict[str, jax.Array]:
+    """`layers.lm_loss_sums` of the batch, computed in time chunks of `chunk` steps.
+
+    One scan over the T/k chunks carries every layer's (h, c) and the running
+    loss sums; each chunk embeds its k tokens, runs all layers over them,
+    and applies the norm, the head and the loss. The chunk is one
+    `jax.checkpoint` that saves nothing, so the backward pass keeps only the
+    carry entering each chunk and recomputes one chunk at a time (Chen et al.
+    2016): no [b, T, ...] tensor but the batch itself is ever alive, and the
+    step's temporaries grow like T/k carries + one chunk, sqrt(T) at k =
+    sqrt(T). Chunking only each layer's time scan (`LSTMStack` with
+    `time_chunk`) still keeps every layer's output, the embeddings and the
+    [b, T, V] logits with their gradients: the step grew like T^0.94
+    (docs/experiments.md, remat).
+
+    Dropout: chunk i draws its masks from fold_in(dropout_key, i), so the
+    masks differ from the unchunked path's (same rate and distribution, other
+    draws); without dropout both paths compute the same numbers.
+    """
+    b, t = batch["inputs"].shape
+    # Each chunk runs a copy of the model with Variables of its own trace
+    # (merge with copy=True): run on `self`, or on a merge that reuses its
+    # Variables, the layer scan (nnx.scan) refuses them ("Cannot extract
+    # graph node from different trace level").
+    graphdef, variables = nnx.split(self)
+
+    def run_chunk(carry, i):
+      state, sums = carry
+      # Chunk i's columns, sliced here rather than the batch reshaped to
+      # [T/k, b, k] for the scan, which would copy it (time-major) up front.
+      tok, targets, weights = (jax.lax.dynamic_slice_in_dim(batch[name], i * chunk, chunk, axis=1)
+                               for name in ("inputs", "targets", "weights"))
+      model = nnx.merge(graphdef, variables, copy=True)
+      key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+      logits, state = model._forward(tok, state, key, time_chunk=0)
+      return (state, jax.tree.map(jnp.add, sums, L.lm_loss_sums(logits, targets, weights))), None
+
+    run_chunk = jax.checkpoint(run_chunk, policy=jax.checkpoint_policies.nothing_saveable,
+                               prevent_cse=False)  # the scan already keeps XLA from merging the recomputation
+    zero = jnp.zeros((), jnp.float32)
+    init = (self.init_state(b), {"xent": zero, "correct": zero, "weight": zero})
+    (_, sums), _ = jax.lax.scan(run_chunk, init, jnp.arange(t // chunk))
+    return sums
 
   def num_params(self) -> int:
     return L.param_count(self)
