@@ -20,9 +20,12 @@ import ml_collections
 
 TASKS = ("mqar", "copy", "selective_copy", "nback", "induction", "text")
 MODELS = ("lstm", "transformer", "vae", "mixture", "vrnn")
-OPTIMIZERS = ("adamw", "adafactor", "sgd", "adagrad")
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "sgd", "adagrad")
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
 DTYPES = ("float32", "bfloat16")
+QUANT_WEIGHTS = ("none", "int8")  # quant.weights
+QAT_MODES = ("none", "int8")  # quant.qat
+STATE_DTYPES = ("float32", "bfloat16", "int8", "float8_e4m3fn")  # quant.state, or "" for the compute dtype
 KL_SCHEDULES = ("constant", "linear", "logistic", "cyclical")
 NONFINITE_ACTIONS = ("stop", "skip_batch")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -94,7 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
   p.compute_dtype = "float32"  # matmuls and activations; "bfloat16" for mixed precision
 
   c.optim = o = ml_collections.ConfigDict()
-  o.name = "adamw"  # one of OPTIMIZERS
+  o.name = "adamw"  # one of OPTIMIZERS; adamw8bit keeps both moments in 8 bits (wm/compress/adam8bit.py)
   o.lr = 1e-3  # peak learning rate
   o.schedule = "cosine"  # decay after warmup, one of SCHEDULES
   o.warmup_steps = 100
@@ -106,6 +109,13 @@ def base_config() -> ml_collections.ConfigDict:
   o.momentum = 0.9  # sgd
   o.clip_norm = 1.0  # global-norm clipping; 0 = off
   o.microbatches = 1  # gradient accumulation: the global batch is split into this many
+  o.state_block = 256  # adamw8bit: elements per float32 scale, in blocks along each parameter's last axis
+
+  # Quantization levers (wm/compress/quant.py, docs/compression.md).
+  c.quant = q = ml_collections.ConfigDict()
+  q.weights = "none"  # "int8": evaluation reports int8-weight metrics too, and generation runs on int8 weights
+  q.qat = "none"  # "int8": train on fake-quantized int8 weights (straight-through); stored bytes unchanged
+  q.state = ""  # generation state (KV cache, LSTM h/c): "" = compute dtype, or one of STATE_DTYPES
 
   c.remat = r = ml_collections.ConfigDict()
   r.policy = "none"  # none, full, dots, dots_no_batch, save:<names>, offload:<names>
@@ -347,6 +357,19 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _need(o.microbatches >= 1, "optim.microbatches", "must be >= 1")
   _need(d.batch_size % o.microbatches == 0, "optim.microbatches",
         f"{o.microbatches} microbatches must divide data.batch_size={d.batch_size}")
+  # Below 16 elements the float32 scale of a block costs more than 1/4 byte per element,
+  # and the 8-bit moments stop being much smaller than bfloat16 ones.
+  _need(o.state_block >= 16, "optim.state_block", f"must be >= 16 elements per scale, got {o.state_block}")
+
+  q = config.quant
+  _need(q.weights in QUANT_WEIGHTS, "quant.weights", f"{q.weights!r} is not one of {QUANT_WEIGHTS}")
+  _need(q.qat in QAT_MODES, "quant.qat", f"{q.qat!r} is not one of {QAT_MODES}")
+  _need(q.state == "" or q.state in STATE_DTYPES, "quant.state",
+        f"{q.state!r} is not one of {STATE_DTYPES} (or \"\" for the compute dtype)")
+  if q.state:
+    _need(m.name in ("lstm", "transformer"), "quant.state",
+          f"applies to the lstm and transformer language models; model.name={m.name!r} keeps its state in "
+          f"the compute dtype (set quant.state to \"\")")
 
   _need(r.time_chunk >= -1, "remat.time_chunk", "must be -1 (sqrt(T)), 0 (off) or a positive chunk length")
   if r.time_chunk > 0:

@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from wm import models, optim, parallel
+from wm.compress import quant
 
 State = dict[str, Any]
 
@@ -48,6 +49,8 @@ class Setup:
   state_shardings: Any
   batch_sharding: NamedSharding
   takes_step: bool  # the model's loss wants the training step (KL annealing)
+  # {param path: axes its int8 scale reduces over}: the weights quant.qat and quant.weights quantize.
+  weight_axes: dict = dataclasses.field(default_factory=dict)
 
   def abstract_batch(self, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
     b = batch_size or self.config.data.batch_size
@@ -124,7 +127,7 @@ def make_setup(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> S
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   takes_step = "step" in inspect.signature(models.model_class(config.model.name).loss).parameters
   return Setup(config, mesh, rules, graphdef, tx, abstract, shardings,
-               parallel.batch_sharding(mesh, rules), takes_step)
+               parallel.batch_sharding(mesh, rules), takes_step, quant.weight_axes(model))
 
 
 def init_state(setup: Setup) -> State:
@@ -210,9 +213,14 @@ def make_train_step(setup: Setup) -> Callable[[State, dict], tuple[State, dict]]
   Gradient accumulation sums d(loss * weight) over microbatches and divides by
   the total weight, so it equals one large batch exactly (not just for equal
   token counts per microbatch).
+
+  With `quant.qat = "int8"` the forward pass sees the weights rounded to
+  their int8 grid, and the gradient reaches the float weights through a
+  straight-through estimator (wm.compress.quant.fake_quantize).
   """
   config, graphdef, tx = setup.config, setup.graphdef, setup.tx
   m = config.optim.microbatches
+  qat = config.quant.qat == "int8"
   schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
 
   def step_fn(state: State, batch: dict) -> tuple[State, dict]:
@@ -220,6 +228,8 @@ def make_train_step(setup: Setup) -> Callable[[State, dict], tuple[State, dict]]
     kwargs = _loss_kwargs(setup, state["step"])
 
     def weighted_loss(params, microbatch, k, batch_stats):
+      if qat:
+        params = quant.fake_quantize_params(params, setup.weight_axes)
       model = nnx.merge(graphdef, params, state["rest"])
       extra = {} if batch_stats is None else {"batch_stats": batch_stats}
       loss, metrics = model.loss(microbatch, train=True, rngs=nnx.Rngs(k), **kwargs, **extra)
@@ -279,13 +289,24 @@ def make_train_step(setup: Setup) -> Callable[[State, dict], tuple[State, dict]]
 
 
 def make_eval_step(setup: Setup) -> Callable[[State, dict, jax.Array], dict]:
-  """Metrics of the model on one batch, weighted sums (combine with `finish_sums`)."""
+  """Metrics of the model on one batch, weighted sums (combine with `finish_sums`).
+
+  With `quant.weights = "int8"` the same batch is scored again with the
+  weights quantized to int8 (wm.compress.quant.quantize_params), reported as
+  `int8_<metric>` next to the float model's metrics: the quality cost of
+  serving the int8 model, measured on the same examples and latent samples.
+  """
   graphdef = setup.graphdef
+  int8 = setup.config.quant.weights == "int8"
 
   def eval_fn(params, rest, batch, key):
     model = nnx.merge(graphdef, params, rest)
     _, metrics = model.loss(batch, train=False, rngs=nnx.Rngs(key))
     sums = _weighted_sum(metrics)
+    if int8:
+      quantized = nnx.merge(graphdef, quant.quantize_params(params, setup.weight_axes), rest)
+      _, q_metrics = quantized.loss(batch, train=False, rngs=nnx.Rngs(key))
+      sums.update({f"int8_{k}": v for k, v in _weighted_sum(q_metrics).items() if k != "weight"})
     # Examples with at least one scored token; weight-0 padding rows do not count.
     sums["examples"] = jnp.sum((jnp.sum(batch["weights"], axis=-1) > 0).astype(jnp.float32))
     return sums
