@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from wm import config as config_lib
 from wm import parallel
@@ -316,7 +317,31 @@ def test_adamw8bit_optimizer_bytes_are_the_state_it_creates(mesh):
   assert adamw.optimizer / est.optimizer > 3, (adamw.optimizer, est.optimizer)  # measured 3.7 (1 device), 3.2 (fsdp 8)
 
 
-@pytest.mark.parametrize("lever", [{"optim.name": "adamw8bit"}, {"quant.qat": "int8"}], ids=["adamw8bit", "qat"])
+@pytest.mark.parametrize("mesh", [None, {"data": 1, "fsdp": 8}])
+def test_prune_masks_are_the_optimizer_bytes_the_state_holds(mesh):
+  """Pruning adds its uint8 masks to the optimizer term: 1 byte per pruned element, sharded like the weight."""
+  from wm import step as step_lib
+  from wm.compress import prune
+  plain = tiny(d=64, mesh=mesh)
+  config = with_lever(plain, {"prune.method": "2:4"})
+  n = config.mesh.num_devices
+  setup = step_lib.make_setup(config, parallel.make_mesh(config.mesh, jax.devices()[:n]))
+  masks = prune.find_state(setup.abstract_state["opt_state"]).masks
+  held = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(masks))
+  est, before = estimate_lib.estimate(config), estimate_lib.estimate(plain)
+  assert est.optimizer - before.optimizer == est.detail["prune_masks"] == held
+  params = setup.abstract_state["params"]
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  pruned = 0
+  for p, m in zip(jax.tree.leaves(params, is_leaf=is_var), jax.tree.leaves(masks, is_leaf=is_var)):
+    if m.get_value().ndim:
+      assert m.get_value().sharding.spec == p.get_value().sharding.spec and m.get_value().dtype == jnp.uint8
+      pruned += 1
+  assert pruned == 6  # q, k, v, o, up, down: not the embedding, not the norms
+
+
+@pytest.mark.parametrize("lever", [{"optim.name": "adamw8bit"}, {"quant.qat": "int8"}, {"prune.method": "magnitude"}],
+                         ids=["adamw8bit", "qat", "prune"])
 @pytest.mark.parametrize("kwargs", [dict(), dict(policy="full"), dict(model="lstm")], ids=["none", "full", "lstm"])
 def test_compression_levers_move_the_estimate_as_they_move_the_compiler(lever, kwargs):
   """Each lever changes the estimate by what it changes the compiled bound (within 2% of the step).

@@ -26,6 +26,7 @@ DTYPES = ("float32", "bfloat16")
 QUANT_WEIGHTS = ("none", "int8")  # quant.weights
 QAT_MODES = ("none", "int8")  # quant.qat
 STATE_DTYPES = ("float32", "bfloat16", "int8", "float8_e4m3fn")  # quant.state, or "" for the compute dtype
+PRUNE_METHODS = ("", "magnitude", "2:4", "n:m")  # prune.method; "" = off
 KL_SCHEDULES = ("constant", "linear", "logistic", "cyclical")
 NONFINITE_ACTIONS = ("stop", "skip_batch")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -116,6 +117,18 @@ def base_config() -> ml_collections.ConfigDict:
   q.weights = "none"  # "int8": evaluation reports int8-weight metrics too, and generation runs on int8 weights
   q.qat = "none"  # "int8": train on fake-quantized int8 weights (straight-through); stored bytes unchanged
   q.state = ""  # generation state (KV cache, LSTM h/c): "" = compute dtype, or one of STATE_DTYPES
+
+  # Pruning lever (wm/compress/prune.py, docs/compression.md): gradual magnitude pruning of the matmul
+  # weights with Zhu & Gupta's (2017) cubic schedule; masks live in the optimizer state.
+  c.prune = pr = ml_collections.ConfigDict()
+  pr.method = ""  # one of PRUNE_METHODS: "magnitude" (unstructured), "2:4", "n:m" (prune.n of every prune.m)
+  pr.sparsity = 0.5  # final fraction s_f of every pruned matrix that is zero; N:M needs 1 - n/m
+  pr.start_step = 100  # t0 >= 1, the step of the first mask update (at sparsity 0): let the dense model train first
+  pr.end_step = 500  # t0 + n*every: the step from which the sparsity is final; leave steps after it to recover
+  pr.every = 100  # steps between mask updates (Zhu & Gupta's delta t)
+  pr.n = 2  # "n:m": weights kept in every group of m along the input axis
+  pr.m = 4
+  pr.embeddings = False  # also prune the token embedding (and so a tied output head); norms and biases never
 
   c.remat = r = ml_collections.ConfigDict()
   r.policy = "none"  # none, full, dots, dots_no_batch, save:<names>, offload:<names>
@@ -371,6 +384,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
           f"applies to the lstm and transformer language models; model.name={m.name!r} keeps its state in "
           f"the compute dtype (set quant.state to \"\")")
 
+  _check_prune(config)
+
   _need(r.time_chunk >= -1, "remat.time_chunk", "must be -1 (sqrt(T)), 0 (off) or a positive chunk length")
   if r.time_chunk > 0:
     _need(d.seq_len % r.time_chunk == 0, "remat.time_chunk",
@@ -425,6 +440,39 @@ def _check_policy(config: ml_collections.ConfigDict) -> None:
   unknown = sorted(set(names) - known)
   _need(not unknown, "remat.policy",
         f"{policy!r}: model {config.model.name!r} has no tensor(s) tagged {unknown}; it tags {sorted(known) or 'none'}")
+
+
+def _check_prune(config: ml_collections.ConfigDict) -> None:
+  pr, steps = config.prune, config.train.steps
+  _need(pr.method in PRUNE_METHODS, "prune.method",
+        f"{pr.method!r} is not one of {PRUNE_METHODS} (\"\" = no pruning)")
+  if not pr.method:
+    return
+  if pr.method == "n:m":
+    _need(pr.m >= 2, "prune.m", f"must be >= 2 (groups of m weights along the input axis), got {pr.m}")
+    _need(1 <= pr.n < pr.m, "prune.n", f"must be in [1, prune.m={pr.m}) (weights kept per group), got {pr.n}")
+  if pr.method == "2:4":
+    _need((pr.n, pr.m) == (2, 4), "prune.n",
+          f"method \"2:4\" keeps 2 of 4, but prune.n={pr.n}, prune.m={pr.m}; use method \"n:m\" for other ratios")
+  if pr.method == "magnitude":
+    _need(0.0 < pr.sparsity < 1.0, "prune.sparsity", f"must be in (0, 1), got {pr.sparsity}")
+  else:
+    n, m = (2, 4) if pr.method == "2:4" else (pr.n, pr.m)
+    _need(abs(pr.sparsity - (1 - n / m)) < 1e-6, "prune.sparsity",
+          f"{n}:{m} keeps {n} of every {m} weights, so the final sparsity is {1 - n / m:g}; "
+          f"set prune.sparsity={1 - n / m:g} (got {pr.sparsity})")
+  _need(pr.every >= 1, "prune.every", f"must be >= 1 (steps between mask updates), got {pr.every}")
+  _need(pr.start_step >= 1, "prune.start_step",
+        f"must be >= 1 (steps count from 1; masks change before the update of their step), got {pr.start_step}")
+  _need(pr.end_step >= pr.start_step, "prune.end_step",
+        f"{pr.end_step} is before prune.start_step={pr.start_step}; set it to start_step (one-shot) or later")
+  span = pr.end_step - pr.start_step
+  _need(span % pr.every == 0, "prune.end_step",
+        f"end_step - start_step = {span} must be a multiple of prune.every={pr.every} (masks change at "
+        f"start_step + k * every); e.g. prune.end_step={pr.start_step + (span // pr.every + 1) * pr.every}")
+  _need(pr.end_step <= steps, "prune.end_step",
+        f"{pr.end_step} is after train.steps={steps}, so the run ends before the final sparsity "
+        f"{pr.sparsity:g}; lower prune.end_step or raise train.steps")
 
 
 def _check_mesh(ms: ml_collections.ConfigDict) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ml_collections
 import optax
 
-from wm.compress import adam8bit
+from wm.compress import adam8bit, prune as prune_lib
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -65,3 +65,16 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.
     opt = optax.chain(optax.clip_by_global_norm(optim.clip_norm), opt)
   return opt
 
+
+def with_pruning(tx: optax.GradientTransformation, prune: ml_collections.ConfigDict,
+                 weight_axes: dict) -> optax.GradientTransformation:
+  """`tx` wrapped in gradual magnitude pruning (config.prune; wm/compress/prune.py), or `tx` when it is off.
+
+  The wrapper goes outside the whole chain (clipping included): gradients are
+  masked before anything reads them, and its last act holds pruned weights at
+  exactly zero whatever the chain added. Which weights and along which axes
+  N:M groups run come from the model (`quant.weight_axes(model)`), which is
+  why this is a second call after `make_optimizer`.
+  """
+  pruning = prune_lib.Pruning.from_config(prune, weight_axes)
+  return tx if pruning is None else prune_lib.pruned(tx, pruning)

@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from wm import models, optim, parallel
-from wm.compress import quant
+from wm.compress import prune, quant
 
 State = dict[str, Any]
 
@@ -111,6 +111,8 @@ def make_setup(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> S
   with parallel.activate(mesh, rules):
     model = nnx.eval_shape(lambda: models.build(config, nnx.Rngs(config.seed)))
     graphdef, _, _ = _split(model)
+    # Pruning (config.prune) wraps the optimizer; which weights it prunes is known once the model is.
+    tx = optim.with_pruning(tx, config.prune, quant.weight_axes(model))
     params, rest, opt_state = jax.eval_shape(init_abstract)
   # Parameters: a wrong mesh for the model (e.g. tensor=3 with d=128) fails here, naming the parameter.
   param_sh = parallel.state_shardings(params, mesh, rules)
@@ -274,6 +276,9 @@ def make_train_step(setup: Setup) -> Callable[[State, dict], tuple[State, dict]]
     metrics["param_norm"] = param_norm
     metrics["lr"] = schedule(state["step"])
     metrics["nonfinite"] = jnp.logical_not(finite).astype(jnp.int32)
+    pruning = prune.find_state(opt_state)
+    if pruning is not None:  # fraction of the pruned weights' elements at zero (wm/compress/prune.py)
+      metrics["sparsity"] = prune.sparsity(pruning.masks)
     new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
     return new_state, metrics
 

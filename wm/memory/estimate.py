@@ -24,7 +24,9 @@ update works on (`detail["optimizer_dequantized"]`). `quant.qat = "int8"`
 stores nothing extra (float master weights, float gradients, the same
 optimizer state), but the step computes a fake-quantized copy of the weights
 and keeps the stacked kernels' copy for the backward pass (transient,
-`detail["qat_weight_copy"]`). `quant.weights` and `quant.state` change the
+`detail["qat_weight_copy"]`). `prune.method` adds the uint8 masks to the
+optimizer term (`detail["prune_masks"]`) and, as transient, the masks the
+step may recompute (`detail["prune_fresh_masks"]`). `quant.weights` and `quant.state` change the
 bytes of evaluation and generation, not of the train step: `serving_bytes`
 gives those.
 
@@ -64,7 +66,7 @@ import ml_collections
 from flax import nnx
 
 from wm import models, parallel
-from wm.compress import adam8bit, quant
+from wm.compress import adam8bit, prune, quant
 from wm.memory import calibration
 from wm.models import remat as remat_lib
 
@@ -208,6 +210,31 @@ def _optimizer_bytes(config: ml_collections.ConfigDict, shape: tuple[int, ...], 
     return like_param * local / size + scales / shards(scale_names, rules, sizes, scale_shape)
   sharded, replicated = _optimizer_values(config, shape)
   return (sharded * local + replicated * size) * itemsize
+
+
+_PRUNE_LEAVES: dict[tuple[str, bool], tuple[tuple[tuple[int, ...], tuple, bool], ...]] = {}
+
+
+def _prune_mask_bytes(config: ml_collections.ConfigDict, rules: dict, sizes: dict[str, int]) -> tuple[float, float]:
+  """(mask bytes in the optimizer state, bytes of recomputed masks in the step) per device, 0 without pruning.
+
+  Masks (wm/compress/prune.py): uint8, one byte per element of a pruned
+  weight, sharded like it, and a one-byte placeholder per other parameter.
+  """
+  if not config.prune.method:
+    return 0.0, 0.0
+  key = (_shape_key(config), bool(config.prune.embeddings))
+  if key not in _PRUNE_LEAVES:
+    model = nnx.eval_shape(lambda: models.build(config, nnx.Rngs(0)))
+    _PRUNE_LEAVES[key] = prune.mask_leaves(model, config.prune.embeddings)
+  stored = fresh = 0.0
+  for shape, names, pruned in _PRUNE_LEAVES[key]:
+    if pruned:
+      local = math.prod(shape) / shards(names, rules, sizes, shape)
+      stored, fresh = stored + local, fresh + local
+    else:
+      stored += 1
+  return stored, fresh
 
 
 def _optimizer_values(config: ml_collections.ConfigDict, shape: tuple[int, ...]) -> tuple[float, float]:
@@ -649,6 +676,8 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     whole_params += whole
     if "layers" in names:  # a scanned layer's weights are gathered whole (over fsdp) while it runs
       stack_bytes += whole
+  masks, fresh_masks = _prune_mask_bytes(config, rules, sizes)
+  optimizer += masks
   grads = params  # gradients in the parameter dtype, sharded like the parameters (ZeRO-2/3 under FSDP)
   dims = _dims(config, sizes, levers.microbatches, levers)
   batch_ways = math.prod(sizes.get(a, 1) for a in _axes(rules.get("batch")))
@@ -667,18 +696,20 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   # 8-bit Adam: the update dequantizes both moments of every 8-bit parameter to float32; XLA's CPU buffer
   # assignment gave those buffers space of their own beside the backward pass's (measured: +2 x 4 bytes per
   # 8-bit parameter of temp whatever the phase of the peak), so they add to either phase.
-  transient_bwd = max(acts.layer_transient, acts.head_transient) + qat_copy + dequantized
+  # Pruning: the step writes the masks it may have recomputed into a buffer of their own, 1 byte per pruned
+  # element beside the backward pass's (measured, CPU: temp + 1.0x the mask bytes, Transformer and LSTM).
+  transient_bwd = max(acts.layer_transient, acts.head_transient) + qat_copy + dequantized + fresh_masks
   if _uses_lstm_stack(config) and batch_ways > 1:
     # Measured on the LSTM stack (not the Transformer's): under FSDP the whole
     # stack's gathered weights are alive during its backward pass; under pure
     # data parallelism a second, all-reduced copy of the gradients is.
     transient_bwd += (whole_params - params) if sizes.get("fsdp", 1) > 1 else grads
   backward = live_grads + acts.saved + transient_bwd
-  update = grads + cal.update_buffers * grads + dequantized
+  update = grads + cal.update_buffers * grads + dequantized + fresh_masks
   if backward >= update:
     phase, activations, transient, grads_term = "backward", acts.saved, transient_bwd, live_grads
   else:
-    phase, activations, transient, grads_term = "update", 0.0, cal.update_buffers * grads + dequantized, grads
+    phase, activations, transient, grads_term = "update", 0.0, update - grads, grads
   terms = dict(params=int(params), grads=int(grads_term), optimizer=int(optimizer),
                activations=int(activations), transient=int(transient), inputs=int(inputs))
   detail = dict(acts.detail, param_count=count, saved_activations=int(acts.saved),
@@ -686,7 +717,8 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
                 per_device_batch=dims.b, microbatches=levers.microbatches, remat_policy=levers.policy,
                 time_chunk=levers.time_chunk, backend=backend,
                 attention=dims.attention, calibration=cal.fitted_on,
-                qat_weight_copy=int(qat_copy), optimizer_dequantized=int(dequantized))
+                qat_weight_copy=int(qat_copy), optimizer_dequantized=int(dequantized),
+                prune_masks=int(masks), prune_fresh_masks=int(fresh_masks))
   host = acts.detail.get("host_per_layer", 0) * config.model.layers
   return Estimate(**terms, total=sum(terms.values()), phase=phase, num_devices=math.prod(sizes.values()),
                   mesh=dict(sizes), detail=detail, host=int(host))
