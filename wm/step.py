@@ -248,6 +248,11 @@ def make_train_step(setup: Setup) -> Callable[[State, dict], tuple[State, dict]]
     grads = jax.tree.map(lambda g: g / total, grads)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    # With bfloat16 parameters the optimizer's arithmetic (bf16 moments with the f32 gradients divided by the
+    # f32 total weight) returns float32 state; cast it back, so the state leaves the step in the dtypes it came
+    # in: otherwise the donated buffers cannot hold the new state (a second copy of it, unaliased) and step 2
+    # recompiles for the new dtypes.
+    opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), opt_state, state["opt_state"])
     params = optax.apply_updates(state["params"], updates)
     metrics = _finish(sums)
     # Non-finite guard, decided here so the host needs no extra round trip: a step
