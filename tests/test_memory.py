@@ -114,6 +114,12 @@ def test_bfloat16_state_keeps_its_dtypes_and_its_buffers(optimizer):
   assert r["output_size_in_bytes"] - r["alias_size_in_bytes"] < 1024, r
 
 
+def test_adafactor_state_shards_under_fsdp():
+  """Adafactor's (1,) placeholder statistics of vector parameters stay replicated (they used not to compile)."""
+  r = compiled(optimizer="adafactor", mesh={"data": 1, "fsdp": 8})
+  assert r["num_devices"] == 8 and r["bound_bytes"] > 0
+
+
 def test_device_peak_is_absent_on_cpu():
   assert measure.device_peak_bytes() is None
 
@@ -168,7 +174,8 @@ MATRIX = (
     + [dict(batch=16), dict(length=64), dict(mesh={"data": 2, "fsdp": 4}),
        dict(model="lstm"), dict(model="lstm", chunk=-1), dict(model="lstm", mesh={"data": 2, "fsdp": 4}),
        dict(compute="bfloat16"), dict(compute="bfloat16", policy="full"), dict(model="mixture"),
-       dict(model="mixture", compute="bfloat16"), dict(attention="chunked", length=64)]
+       dict(model="mixture", compute="bfloat16"), dict(attention="chunked", length=64),
+       dict(mesh={"data": 2, "fsdp": 2, "tensor": 2}), dict(compute="bfloat16", param="bfloat16")]
 )
 # How far below the compiler's bound the estimate may fall on any config of MATRIX: the planner's
 # reserve (calibration.Table.planning_margin) covers at least this much.

@@ -73,7 +73,10 @@ def _variable_shardings(tree, mesh: Mesh, rules) -> Any:
   Optimizer moments inherit the parameters' logical names (optax maps over the
   same Variables), so they shard like the parameters: ZeRO-3 under FSDP.
   Factored statistics (Adafactor's row/column vectors) have fewer dimensions
-  than their parameter's names; they are small and stay replicated.
+  than their parameter's names; they are small and stay replicated. So do
+  statistics whose shape differs from their parameter's on a sharded
+  dimension (Adafactor keeps a (1,) placeholder row/column for a vector
+  parameter: sharding it over fsdp failed the compile with IndivisibleError).
   """
   def one(leaf):
     if isinstance(leaf, nnx.Variable):
@@ -82,6 +85,8 @@ def _variable_shardings(tree, mesh: Mesh, rules) -> Any:
       names = leaf.get_metadata().get("out_sharding")
       if names and len(names) == len(value.shape):
         spec = parallel.logical_to_spec(names, rules)
+        if any(dim % math.prod(mesh.shape[a] for a in _as_tuple(axes)) for dim, axes in zip(value.shape, spec)):
+          spec = P()
       return leaf.replace(NamedSharding(mesh, spec))
     return NamedSharding(mesh, P())
 
