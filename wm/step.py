@@ -76,7 +76,10 @@ def _variable_shardings(tree, mesh: Mesh, rules) -> Any:
   Optimizer moments inherit the parameters' logical names (optax maps over the
   same Variables), so they shard like the parameters: ZeRO-3 under FSDP.
   Factored statistics (Adafactor's row/column vectors) have fewer dimensions
-  than their parameter's names; they are small and stay replicated.
+  than their parameter's names; they are small and stay replicated. So do
+  statistics whose shape differs from their parameter's on a sharded
+  dimension (Adafactor keeps a (1,) placeholder row/column for a vector
+  parameter: sharding it over fsdp failed the compile with IndivisibleError).
   """
   def one(leaf):
     if isinstance(leaf, nnx.Variable):
@@ -85,6 +88,8 @@ def _variable_shardings(tree, mesh: Mesh, rules) -> Any:
       names = leaf.get_metadata().get("out_sharding")
       if names and len(names) == len(value.shape):
         spec = parallel.logical_to_spec(names, rules)
+        if any(dim % math.prod(mesh.shape[a] for a in _as_tuple(axes)) for dim, axes in zip(value.shape, spec)):
+          spec = P()
       return leaf.replace(NamedSharding(mesh, spec))
     return NamedSharding(mesh, P())
 
@@ -260,6 +265,11 @@ def make_train_step(setup: Setup) -> Callable[[State, dict], tuple[State, dict]]
     grads = jax.tree.map(lambda g: g / total, grads)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    # With bfloat16 parameters the optimizer's arithmetic (bf16 moments with the f32 gradients divided by the
+    # f32 total weight) returns float32 state; cast it back, so the state leaves the step in the dtypes it came
+    # in: otherwise the donated buffers cannot hold the new state (a second copy of it, unaliased) and step 2
+    # recompiles for the new dtypes.
+    opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), opt_state, state["opt_state"])
     params = optax.apply_updates(state["params"], updates)
     metrics = _finish(sums)
     # Non-finite guard, decided here so the host needs no extra round trip: a step
