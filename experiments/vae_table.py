@@ -114,9 +114,10 @@ def record_extra(config, result: dict) -> dict:
 
   means, masks = [], []
   with parallel.activate(setup.mesh, setup.rules):
-    for batch in train._eval_batches(config, config.train.eval_batches):
+    for local in train._eval_batches(config):  # the sequences train.evaluate scored, padding rows weight 0
+      batch = step_lib.global_batch(setup, local)
       means.append(np.asarray(encode(state, batch["targets"], batch["weights"])))
-      masks.append(np.any(batch["weights"] > 0, axis=1))
+      masks.append(np.any(local["weights"] > 0, axis=1))
   mu, mask = np.concatenate(means), np.concatenate(masks)
   active = latent.active_units(mu, mask.astype(np.float32))
   var = np.var(mu[mask], axis=0)

@@ -19,6 +19,12 @@ def test_every_config_file_loads_and_validates():
       assert config.model.name in config_lib.MODELS
 
 
+def test_quantization_levers_validate():
+  for lever in ({"quant.weights": "int8", "quant.qat": "int8", "quant.state": "float8_e4m3fn"},
+                {"optim.name": "adamw8bit", "optim.state_block": 2048}, {"model.name": "lstm", "quant.state": "int8"}):
+    config_lib.validate(config_lib.override(config_lib.base_config(), lever))
+
+
 def test_override_parses_types():
   c = config_lib.override(config_lib.base_config(), {"model.d": "256", "optim.lr": "3e-4",
                                                      "model.tie_embeddings": "false"})
@@ -67,6 +73,12 @@ def test_wrong_type_is_named():
     ({"mesh.rules": (("batch", "nope"),)}, "'nope' is not a mesh axis"),
     ({"mesh.rules": (("batch",),)}, "each rule is a pair"),
     ({"train.on_nonfinite": "ignore"}, "train.on_nonfinite"),
+    ({"optim.name": "adam8bit"}, "optim.name"),
+    ({"optim.name": "adamw8bit", "optim.state_block": 4}, "optim.state_block: must be >= 16"),
+    ({"quant.weights": "int4"}, "quant.weights: 'int4' is not one of"),
+    ({"quant.qat": "fp8"}, "quant.qat: 'fp8' is not one of"),
+    ({"quant.state": "int4"}, "quant.state: 'int4' is not one of"),
+    ({"model.name": "vae", "quant.state": "int8"}, "quant.state: applies to the lstm and transformer"),
     ({"data.task": "text", "data.text_source": "files", "data.text_files": "/nonexistent/*.txt"},
      "matches no file"),
 ])

@@ -108,6 +108,23 @@ def test_fit_exponent_recovers_a_power_law():
   assert remat.fit_exponent(lengths, [7.0 * t for t in lengths]) == pytest.approx(1.0)
 
 
+def test_vae_active_units_are_counted_over_the_evaluated_sequences(tmp_path):
+  """record_extra encodes exactly the sequences train.evaluate scores (the fixed sample, without padding rows)."""
+  from wm import step as step_lib
+  from wm.data import pipeline
+  vae = load("vae_table")
+  point = next(p for p in vae.quick_grid() if p.name == "vae")
+  config = config_lib.validate(config_lib.override(config_lib.load(point.config), {
+      **point.overrides, "data.data_dir": str(tmp_path), "data.seq_len": 16, "data.batch_size": 4,
+      "model.d": 16, "model.latent_dim": 4, "train.eval_batches": 3}))
+  pipeline.prepare(config)
+  setup = step_lib.make_setup(config)
+  extra = vae.record_extra(config, {"state": step_lib.init_state(setup)})
+  assert extra["active_units_sequences"] == 12 and extra["latent_dim"] == 4
+  assert 0 <= extra["active_units"] <= 4 and len(extra["posterior_mean_variance"]) == 4
+  assert extra["bytes_per_token"] == pytest.approx(1.0)
+
+
 def test_vae_summary_puts_every_row_in_nats_per_sequence():
   vae = load("vae_table")
   lm = {"row": "lstm_lm", "bytes_per_token": 1.0, "eval": {"nll": 1.5, "eval_tokens": 640, "eval_examples": 10}}

@@ -20,9 +20,13 @@ import ml_collections
 
 TASKS = ("mqar", "copy", "selective_copy", "nback", "induction", "text")
 MODELS = ("lstm", "transformer", "vae", "mixture", "vrnn")
-OPTIMIZERS = ("adamw", "adafactor", "sgd", "adagrad")
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "sgd", "adagrad")
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
 DTYPES = ("float32", "bfloat16")
+QUANT_WEIGHTS = ("none", "int8")  # quant.weights
+QAT_MODES = ("none", "int8")  # quant.qat
+STATE_DTYPES = ("float32", "bfloat16", "int8", "float8_e4m3fn")  # quant.state, or "" for the compute dtype
+PRUNE_METHODS = ("", "magnitude", "2:4", "n:m")  # prune.method; "" = off
 KL_SCHEDULES = ("constant", "linear", "logistic", "cyclical")
 NONFINITE_ACTIONS = ("stop", "skip_batch")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -101,7 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
   p.compute_dtype = "float32"  # matmuls and activations; "bfloat16" for mixed precision
 
   c.optim = o = ml_collections.ConfigDict()
-  o.name = "adamw"  # one of OPTIMIZERS
+  o.name = "adamw"  # one of OPTIMIZERS; adamw8bit keeps both moments in 8 bits (wm/compress/adam8bit.py)
   o.lr = 1e-3  # peak learning rate
   o.schedule = "cosine"  # decay after warmup, one of SCHEDULES
   o.warmup_steps = 100
@@ -113,6 +117,25 @@ def base_config() -> ml_collections.ConfigDict:
   o.momentum = 0.9  # sgd
   o.clip_norm = 1.0  # global-norm clipping; 0 = off
   o.microbatches = 1  # gradient accumulation: the global batch is split into this many
+  o.state_block = 256  # adamw8bit: elements per float32 scale, in blocks along each parameter's last axis
+
+  # Quantization levers (wm/compress/quant.py, docs/compression.md).
+  c.quant = q = ml_collections.ConfigDict()
+  q.weights = "none"  # "int8": evaluation reports int8-weight metrics too, and generation runs on int8 weights
+  q.qat = "none"  # "int8": train on fake-quantized int8 weights (straight-through); stored bytes unchanged
+  q.state = ""  # generation state (KV cache, LSTM h/c): "" = compute dtype, or one of STATE_DTYPES
+
+  # Pruning lever (wm/compress/prune.py, docs/compression.md): gradual magnitude pruning of the matmul
+  # weights with Zhu & Gupta's (2017) cubic schedule; masks live in the optimizer state.
+  c.prune = pr = ml_collections.ConfigDict()
+  pr.method = ""  # one of PRUNE_METHODS: "magnitude" (unstructured), "2:4", "n:m" (prune.n of every prune.m)
+  pr.sparsity = 0.5  # final fraction s_f of every pruned matrix that is zero; N:M needs 1 - n/m
+  pr.start_step = 100  # t0 >= 1, the step of the first mask update (at sparsity 0): let the dense model train first
+  pr.end_step = 500  # t0 + n*every: the step from which the sparsity is final; leave steps after it to recover
+  pr.every = 100  # steps between mask updates (Zhu & Gupta's delta t)
+  pr.n = 2  # "n:m": weights kept in every group of m along the input axis
+  pr.m = 4
+  pr.embeddings = False  # also prune the token embedding (and so a tied output head); norms and biases never
 
   c.remat = r = ml_collections.ConfigDict()
   r.policy = "none"  # none, full, dots, dots_no_batch, save:<names>, offload:<names>
@@ -358,6 +381,21 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _need(o.microbatches >= 1, "optim.microbatches", "must be >= 1")
   _need(d.batch_size % o.microbatches == 0, "optim.microbatches",
         f"{o.microbatches} microbatches must divide data.batch_size={d.batch_size}")
+  # Below 16 elements the float32 scale of a block costs more than 1/4 byte per element,
+  # and the 8-bit moments stop being much smaller than bfloat16 ones.
+  _need(o.state_block >= 16, "optim.state_block", f"must be >= 16 elements per scale, got {o.state_block}")
+
+  q = config.quant
+  _need(q.weights in QUANT_WEIGHTS, "quant.weights", f"{q.weights!r} is not one of {QUANT_WEIGHTS}")
+  _need(q.qat in QAT_MODES, "quant.qat", f"{q.qat!r} is not one of {QAT_MODES}")
+  _need(q.state == "" or q.state in STATE_DTYPES, "quant.state",
+        f"{q.state!r} is not one of {STATE_DTYPES} (or \"\" for the compute dtype)")
+  if q.state:
+    _need(m.name in ("lstm", "transformer"), "quant.state",
+          f"applies to the lstm and transformer language models; model.name={m.name!r} keeps its state in "
+          f"the compute dtype (set quant.state to \"\")")
+
+  _check_prune(config)
 
   _need(r.time_chunk >= -1, "remat.time_chunk", "must be -1 (sqrt(T)), 0 (off) or a positive chunk length")
   if r.time_chunk > 0:
@@ -436,6 +474,43 @@ def _check_policy(config: ml_collections.ConfigDict) -> None:
   unknown = sorted(set(names) - known)
   _need(not unknown, "remat.policy",
         f"{policy!r}: model {config.model.name!r} has no tensor(s) tagged {unknown}; it tags {sorted(known) or 'none'}")
+
+
+def _check_prune(config: ml_collections.ConfigDict) -> None:
+  pr, steps = config.prune, config.train.steps
+  _need(pr.method in PRUNE_METHODS, "prune.method",
+        f"{pr.method!r} is not one of {PRUNE_METHODS} (\"\" = no pruning)")
+  if not pr.method:
+    return
+  # The pruning masks cover the matmul weights the optimizer updates; under LoRA those are frozen.
+  _need(not config.model.lora_rank, "prune.method",
+        f"{pr.method!r} prunes trained weights, but model.lora_rank={config.model.lora_rank} freezes them; "
+        f"prune the base model before fine-tuning, or set prune.method=\"\"")
+  if pr.method == "n:m":
+    _need(pr.m >= 2, "prune.m", f"must be >= 2 (groups of m weights along the input axis), got {pr.m}")
+    _need(1 <= pr.n < pr.m, "prune.n", f"must be in [1, prune.m={pr.m}) (weights kept per group), got {pr.n}")
+  if pr.method == "2:4":
+    _need((pr.n, pr.m) == (2, 4), "prune.n",
+          f"method \"2:4\" keeps 2 of 4, but prune.n={pr.n}, prune.m={pr.m}; use method \"n:m\" for other ratios")
+  if pr.method == "magnitude":
+    _need(0.0 < pr.sparsity < 1.0, "prune.sparsity", f"must be in (0, 1), got {pr.sparsity}")
+  else:
+    n, m = (2, 4) if pr.method == "2:4" else (pr.n, pr.m)
+    _need(abs(pr.sparsity - (1 - n / m)) < 1e-6, "prune.sparsity",
+          f"{n}:{m} keeps {n} of every {m} weights, so the final sparsity is {1 - n / m:g}; "
+          f"set prune.sparsity={1 - n / m:g} (got {pr.sparsity})")
+  _need(pr.every >= 1, "prune.every", f"must be >= 1 (steps between mask updates), got {pr.every}")
+  _need(pr.start_step >= 1, "prune.start_step",
+        f"must be >= 1 (steps count from 1; masks change before the update of their step), got {pr.start_step}")
+  _need(pr.end_step >= pr.start_step, "prune.end_step",
+        f"{pr.end_step} is before prune.start_step={pr.start_step}; set it to start_step (one-shot) or later")
+  span = pr.end_step - pr.start_step
+  _need(span % pr.every == 0, "prune.end_step",
+        f"end_step - start_step = {span} must be a multiple of prune.every={pr.every} (masks change at "
+        f"start_step + k * every); e.g. prune.end_step={pr.start_step + (span // pr.every + 1) * pr.every}")
+  _need(pr.end_step <= steps, "prune.end_step",
+        f"{pr.end_step} is after train.steps={steps}, so the run ends before the final sparsity "
+        f"{pr.sparsity:g}; lower prune.end_step or raise train.steps")
 
 
 def _check_mesh(ms: ml_collections.ConfigDict) -> None:

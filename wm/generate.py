@@ -3,7 +3,9 @@
 Language models decode one token at a time from their working memory: the
 LSTM's (h, c) or the Transformer's KV cache (a ring buffer of `window` slots
 when the model uses a sliding window, so memory stays bounded however long the
-sample). Latent models sample a code from the prior and decode from it.
+sample), stored in `quant.state` (float32, bfloat16, int8, float8_e4m3fn).
+Latent models sample a code from the prior and decode from it. With
+`quant.weights = "int8"` the model runs on int8 matmul weights.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from wm import parallel, step as step_lib
+from wm.compress import quant
 
 
 def restore_model(config: ml_collections.ConfigDict, workdir: str) -> nnx.Module:
-  """The latest checkpoint's model, on one device."""
+  """The latest checkpoint's model, on one device; int8 matmul weights under `quant.weights = "int8"`."""
   ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
   single = ml_collections.ConfigDict(config.to_dict())
   single.mesh.update(num_devices=1, data=1, fsdp=1, tensor=1)
@@ -33,7 +36,9 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str) -> nnx.Module
                               f"--workdir {workdir}")
     state = manager.restore(latest, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(setup.abstract_state)))["state"]
-  return step_lib.model_from_state(setup, state)
+  model = step_lib.model_from_state(setup, state)
+  # Weight-only int8 (wm.compress.quant): each layer dequantizes its own weights when it runs.
+  return quant.quantize_model(model) if config.quant.weights == "int8" else model
 
 
 def sample_tokens(model: nnx.Module, prompt: np.ndarray, length: int, key: jax.Array,

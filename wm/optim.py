@@ -10,6 +10,8 @@ from __future__ import annotations
 import ml_collections
 import optax
 
+from wm.compress import adam8bit, prune as prune_lib
+
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """Linear warmup to `optim.lr`, then cosine, inverse-sqrt or constant.
@@ -38,13 +40,18 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
   """The config's optimizer with clipping and schedule.
 
-  State per parameter: adamw 2 values (first and second moments), sgd with
-  momentum 1, adagrad 1, adafactor about (rows + cols) / (rows * cols) for
-  matrices (Shazeer & Stern 2018); `wm.memory.estimate` counts the real state.
+  State per parameter: adamw 2 values (first and second moments), adamw8bit
+  the same two as int8 codes plus a float32 scale per `state_block` elements
+  (Dettmers et al. 2022; wm/compress/adam8bit.py), sgd with momentum 1,
+  adagrad 1, adafactor about (rows + cols) / (rows * cols) for matrices
+  (Shazeer & Stern 2018); `wm.memory.estimate` counts the real state.
   """
   schedule = learning_rate_schedule(optim, total_steps)
   if optim.name == "adamw":
     opt = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay)
+  elif optim.name == "adamw8bit":
+    opt = adam8bit.adamw8bit(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
+                             block=optim.state_block)
   elif optim.name == "adafactor":
     # multiply_by_parameter_scale=False keeps `lr` an absolute step size, as for the others.
     opt = optax.adafactor(schedule, multiply_by_parameter_scale=False, weight_decay_rate=optim.weight_decay or None)
@@ -58,3 +65,16 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.
     opt = optax.chain(optax.clip_by_global_norm(optim.clip_norm), opt)
   return opt
 
+
+def with_pruning(tx: optax.GradientTransformation, prune: ml_collections.ConfigDict,
+                 weight_axes: dict) -> optax.GradientTransformation:
+  """`tx` wrapped in gradual magnitude pruning (config.prune; wm/compress/prune.py), or `tx` when it is off.
+
+  The wrapper goes outside the whole chain (clipping included): gradients are
+  masked before anything reads them, and its last act holds pruned weights at
+  exactly zero whatever the chain added. Which weights and along which axes
+  N:M groups run come from the model (`quant.weight_axes(model)`), which is
+  why this is a second call after `make_optimizer`.
+  """
+  pruning = prune_lib.Pruning.from_config(prune, weight_axes)
+  return tx if pruning is None else prune_lib.pruned(tx, pruning)

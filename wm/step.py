@@ -34,6 +34,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from wm import models, optim, parallel
+from wm.compress import prune, quant
 
 State = dict[str, Any]
 
@@ -53,6 +54,8 @@ class Setup:
   state_shardings: Any
   batch_sharding: NamedSharding
   takes_step: bool  # the model's loss wants the training step (KL annealing)
+  # {param path: axes its int8 scale reduces over}: the weights quant.qat and quant.weights quantize.
+  weight_axes: dict = dataclasses.field(default_factory=dict)
 
   def abstract_batch(self, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
     b = batch_size or self.config.data.batch_size
@@ -83,7 +86,10 @@ def _variable_shardings(tree, mesh: Mesh, rules) -> Any:
   Optimizer moments inherit the parameters' logical names (optax maps over the
   same Variables), so they shard like the parameters: ZeRO-3 under FSDP.
   Factored statistics (Adafactor's row/column vectors) have fewer dimensions
-  than their parameter's names; they are small and stay replicated.
+  than their parameter's names; they are small and stay replicated. So do
+  statistics whose shape differs from their parameter's on a sharded
+  dimension (Adafactor keeps a (1,) placeholder row/column for a vector
+  parameter: sharding it over fsdp failed the compile with IndivisibleError).
   """
   def one(leaf):
     if isinstance(leaf, nnx.Variable):
@@ -92,6 +98,8 @@ def _variable_shardings(tree, mesh: Mesh, rules) -> Any:
       names = leaf.get_metadata().get("out_sharding")
       if names and len(names) == len(value.shape):
         spec = parallel.logical_to_spec(names, rules)
+        if any(dim % math.prod(mesh.shape[a] for a in _as_tuple(axes)) for dim, axes in zip(value.shape, spec)):
+          spec = P()
       return leaf.replace(NamedSharding(mesh, spec))
     return NamedSharding(mesh, P())
 
@@ -118,6 +126,8 @@ def make_setup(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> S
   with parallel.activate(mesh, rules):
     model = nnx.eval_shape(lambda: models.build(config, nnx.Rngs(config.seed)))
     graphdef, _, _ = _split(model, config)
+    # Pruning (config.prune) wraps the optimizer; which weights it prunes is known once the model is.
+    tx = optim.with_pruning(tx, config.prune, quant.weight_axes(model))
     params, rest, opt_state = jax.eval_shape(init_abstract)
   # Parameters: a wrong mesh for the model (e.g. tensor=3 with d=128) fails here, naming the parameter.
   param_sh = parallel.state_shardings(params, mesh, rules)
@@ -136,7 +146,7 @@ def make_setup(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> S
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   takes_step = "step" in inspect.signature(models.model_class(config.model.name).loss).parameters
   return Setup(config, mesh, rules, graphdef, tx, abstract, shardings,
-               parallel.batch_sharding(mesh, rules), takes_step)
+               parallel.batch_sharding(mesh, rules), takes_step, quant.weight_axes(model))
 
 
 def init_state(setup: Setup) -> State:
@@ -222,9 +232,14 @@ def make_train_step(setup: Setup) -> Callable[[State, dict], tuple[State, dict]]
   Gradient accumulation sums d(loss * weight) over microbatches and divides by
   the total weight, so it equals one large batch exactly (not just for equal
   token counts per microbatch).
+
+  With `quant.qat = "int8"` the forward pass sees the weights rounded to
+  their int8 grid, and the gradient reaches the float weights through a
+  straight-through estimator (wm.compress.quant.fake_quantize).
   """
   config, graphdef, tx = setup.config, setup.graphdef, setup.tx
   m = config.optim.microbatches
+  qat = config.quant.qat == "int8"
   schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
 
   def step_fn(state: State, batch: dict) -> tuple[State, dict]:
@@ -232,6 +247,8 @@ def make_train_step(setup: Setup) -> Callable[[State, dict], tuple[State, dict]]
     kwargs = _loss_kwargs(setup, state["step"])
 
     def weighted_loss(params, microbatch, k, batch_stats):
+      if qat:
+        params = quant.fake_quantize_params(params, setup.weight_axes)
       # copy=True: fresh Variables at this (grad) trace level. The "rest"
       # Variables belong to the jit's trace, and NNX's transforms inside the
       # model (nnx.scan over layers) refuse those; "rest" is empty unless
@@ -264,6 +281,11 @@ def make_train_step(setup: Setup) -> Callable[[State, dict], tuple[State, dict]]
     grads = jax.tree.map(lambda g: g / total, grads)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    # With bfloat16 parameters the optimizer's arithmetic (bf16 moments with the f32 gradients divided by the
+    # f32 total weight) returns float32 state; cast it back, so the state leaves the step in the dtypes it came
+    # in: otherwise the donated buffers cannot hold the new state (a second copy of it, unaliased) and step 2
+    # recompiles for the new dtypes.
+    opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), opt_state, state["opt_state"])
     params = optax.apply_updates(state["params"], updates)
     metrics = _finish(sums)
     # Non-finite guard, decided here so the host needs no extra round trip: a step
@@ -280,6 +302,9 @@ def make_train_step(setup: Setup) -> Callable[[State, dict], tuple[State, dict]]
     metrics["param_norm"] = param_norm
     metrics["lr"] = schedule(state["step"])
     metrics["nonfinite"] = jnp.logical_not(finite).astype(jnp.int32)
+    pruning = prune.find_state(opt_state)
+    if pruning is not None:  # fraction of the pruned weights' elements at zero (wm/compress/prune.py)
+      metrics["sparsity"] = prune.sparsity(pruning.masks)
     new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
     return new_state, metrics
 
@@ -295,13 +320,24 @@ def make_train_step(setup: Setup) -> Callable[[State, dict], tuple[State, dict]]
 
 
 def make_eval_step(setup: Setup) -> Callable[[State, dict, jax.Array], dict]:
-  """Metrics of the model on one batch, weighted sums (combine with `finish_sums`)."""
+  """Metrics of the model on one batch, weighted sums (combine with `finish_sums`).
+
+  With `quant.weights = "int8"` the same batch is scored again with the
+  weights quantized to int8 (wm.compress.quant.quantize_params), reported as
+  `int8_<metric>` next to the float model's metrics: the quality cost of
+  serving the int8 model, measured on the same examples and latent samples.
+  """
   graphdef = setup.graphdef
+  int8 = setup.config.quant.weights == "int8"
 
   def eval_fn(params, rest, batch, key):
     model = nnx.merge(graphdef, params, rest)
     _, metrics = model.loss(batch, train=False, rngs=nnx.Rngs(key))
     sums = _weighted_sum(metrics)
+    if int8:
+      quantized = nnx.merge(graphdef, quant.quantize_params(params, setup.weight_axes), rest)
+      _, q_metrics = quantized.loss(batch, train=False, rngs=nnx.Rngs(key))
+      sums.update({f"int8_{k}": v for k, v in _weighted_sum(q_metrics).items() if k != "weight"})
     # Examples with at least one scored token; weight-0 padding rows do not count.
     sums["examples"] = jnp.sum((jnp.sum(batch["weights"], axis=-1) > 0).astype(jnp.float32))
     return sums

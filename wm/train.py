@@ -23,6 +23,7 @@ verified checkpoint (wm.finetune: pretrain, then fine-tune, e.g. with LoRA).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -41,6 +42,7 @@ from wm import config as config_lib
 from wm import finetune
 from wm import parallel, step as step_lib
 from wm import workdir as workdir_lib
+from wm.compress import prune
 from wm.data import pipeline
 from wm.memory import measure
 
@@ -153,7 +155,24 @@ def evaluate(config, setup, state, eval_step) -> dict[str, Any]:
   metrics = step_lib.finish_sums(jax.device_get(sums))
   metrics["eval_tokens"] = int(round(metrics["weight"]))
   metrics["eval_examples"] = int(metrics.pop("examples"))
+  pruning = prune.find_state(state.get("opt_state"))
+  if pruning is not None:
+    metrics.update(_sparsity_record(setup.mesh, pruning.masks))
   return _derived(config, metrics)
+
+
+@functools.lru_cache(maxsize=8)
+def _sparsity_fn(mesh):
+  # Jitted with replicated outputs: every process can read sums over masks sharded across processes.
+  return jax.jit(lambda masks: (prune.sparsity(masks), prune.layer_sparsity(masks)),
+                 out_shardings=parallel.replicated(mesh))
+
+
+def _sparsity_record(mesh, masks) -> dict[str, Any]:
+  """`sparsity` (all pruned weights) and `sparsity_layers` ({weight: fraction pruned, per layer}) for the eval line."""
+  overall, layers = jax.device_get(_sparsity_fn(mesh)(masks))
+  return {"sparsity": float(overall),
+          "sparsity_layers": {k: np.round(np.asarray(v, np.float64), 6).tolist() for k, v in layers.items()}}
 
 
 def _barrier(name: str) -> None:

@@ -10,10 +10,25 @@ gives the compiler's figure to hold them against.
 
 Model states (Rajbhandari et al. 2020, ZeRO, sec. 3.1): parameters, gradients
 and optimizer state, K bytes per parameter by optimizer and precision (Adam:
-two moments in the parameter dtype; SGD with momentum: one; Adagrad: one;
-Adafactor: factored row/column statistics, Shazeer & Stern 2018), each
-parameter divided by the number of shards holding it: the product of the mesh
-axes its logical names map to (FSDP is ZeRO-3: all three are sharded).
+two moments in the parameter dtype; 8-bit Adam: two int8 codes plus a
+float32 scale per block, Dettmers et al. 2022; SGD with momentum: one;
+Adagrad: one; Adafactor: factored row/column statistics, Shazeer & Stern
+2018), each parameter divided by the number of shards holding it: the product
+of the mesh axes its logical names map to (FSDP is ZeRO-3: all three are
+sharded).
+
+Compression levers (wm/compress, docs/compression.md). `optim.name =
+"adamw8bit"` changes the optimizer term (int8 codes and float32 block
+scales) and adds, as transient, the float32 copies of both moments its
+update works on (`detail["optimizer_dequantized"]`). `quant.qat = "int8"`
+stores nothing extra (float master weights, float gradients, the same
+optimizer state), but the step computes a fake-quantized copy of the weights
+and keeps the stacked kernels' copy for the backward pass (transient,
+`detail["qat_weight_copy"]`). `prune.method` adds the uint8 masks to the
+optimizer term (`detail["prune_masks"]`) and, as transient, the masks the
+step may recompute (`detail["prune_fresh_masks"]`). `quant.weights` and `quant.state` change the
+bytes of evaluation and generation, not of the train step: `serving_bytes`
+gives those.
 
 Saved activations: what the backward pass keeps per layer (and per time step),
 by remat policy; the counts follow what our blocks tag and what XLA keeps (the
@@ -51,6 +66,7 @@ import ml_collections
 from flax import nnx
 
 from wm import models, parallel
+from wm.compress import adam8bit, prune, quant
 from wm.memory import calibration
 from wm.models import remat as remat_lib
 
@@ -112,7 +128,7 @@ def _shape_key(config: ml_collections.ConfigDict) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _param_leaves_cached(key: str) -> tuple[tuple[tuple[int, ...], int, tuple], ...]:
+def _param_leaves_cached(key: str) -> tuple[tuple[tuple[int, ...], int, tuple, bool], ...]:
   model_cfg, vocab, param_dtype, compute_dtype = json.loads(key)
   from wm import config as config_lib
   config = config_lib.base_config()
@@ -120,18 +136,24 @@ def _param_leaves_cached(key: str) -> tuple[tuple[tuple[int, ...], int, tuple], 
   config.data.vocab_size = vocab
   config.precision.param_dtype, config.precision.compute_dtype = param_dtype, compute_dtype
   model = nnx.eval_shape(lambda: models.build(config, nnx.Rngs(0)))
+  weights = quant.weight_axes(model)
   leaves = []
-  for var in jax.tree.leaves(nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable)):
+  state = nnx.state(model, nnx.Param)
+  for path, var in jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
     value = var.get_value() if hasattr(var, "get_value") else var.value
     names = tuple(var.get_metadata().get("out_sharding") or ())
     if len(names) != len(value.shape):
       names = (None,) * len(value.shape)
-    leaves.append((tuple(value.shape), jnp.dtype(value.dtype).itemsize, names))
+    is_weight = tuple(quant.path_key(path)) in weights
+    leaves.append((tuple(value.shape), jnp.dtype(value.dtype).itemsize, names, is_weight))
   return tuple(leaves)
 
 
-def param_leaves(config: ml_collections.ConfigDict) -> tuple[tuple[tuple[int, ...], int, tuple], ...]:
-  """(shape, itemsize, logical names) of every parameter of the config's model."""
+def param_leaves(config: ml_collections.ConfigDict) -> tuple[tuple[tuple[int, ...], int, tuple, bool], ...]:
+  """(shape, itemsize, logical names, is a matmul weight) of every parameter of the config's model.
+
+  Matmul weights are those wm.compress.quant quantizes (quant.weights, quant.qat).
+  """
   return _param_leaves_cached(_shape_key(config))
 
 
@@ -186,12 +208,58 @@ def shards(names: tuple, rules: dict, sizes: dict[str, int], shape: tuple[int, .
 def fits_mesh(config: ml_collections.ConfigDict, sizes: dict[str, int]) -> bool:
   """Whether every sharded parameter dimension divides by its mesh axes."""
   rules = dict(parallel.rules(config))
-  for shape, _, names in param_leaves(config):
+  for shape, _, names, _ in param_leaves(config):
     for dim, name in zip(shape, names):
       n = math.prod(sizes.get(a, 1) for a in _axes(rules.get(name)))
       if dim % n:
         return False
   return True
+
+
+def _optimizer_bytes(config: ml_collections.ConfigDict, shape: tuple[int, ...], itemsize: int, names: tuple,
+                     rules: dict, sizes: dict[str, int]) -> float:
+  """Optimizer state bytes of one parameter on one device.
+
+  8-bit Adam (wm/compress/adam8bit.py): int8 codes of both moments sharded
+  like the parameter, float32 block scales sharded like it on all axes but
+  the last (which counts blocks); small parameters keep float moments.
+  """
+  size = math.prod(shape)
+  local = size / shards(names, rules, sizes, shape)
+  if config.optim.name == "adamw8bit":
+    like_param, scales = adam8bit.state_bytes(shape, itemsize, config.optim.state_block)
+    if not adam8bit.is_quantized(shape):
+      return like_param * local / size + scales
+    scale_shape = adam8bit.block_shape(shape, config.optim.state_block)
+    scale_names = tuple(names[:-1]) + (None,)
+    return like_param * local / size + scales / shards(scale_names, rules, sizes, scale_shape)
+  sharded, replicated = _optimizer_values(config, shape)
+  return (sharded * local + replicated * size) * itemsize
+
+
+_PRUNE_LEAVES: dict[tuple[str, bool], tuple[tuple[tuple[int, ...], tuple, bool], ...]] = {}
+
+
+def _prune_mask_bytes(config: ml_collections.ConfigDict, rules: dict, sizes: dict[str, int]) -> tuple[float, float]:
+  """(mask bytes in the optimizer state, bytes of recomputed masks in the step) per device, 0 without pruning.
+
+  Masks (wm/compress/prune.py): uint8, one byte per element of a pruned
+  weight, sharded like it, and a one-byte placeholder per other parameter.
+  """
+  if not config.prune.method:
+    return 0.0, 0.0
+  key = (_shape_key(config), bool(config.prune.embeddings))
+  if key not in _PRUNE_LEAVES:
+    model = nnx.eval_shape(lambda: models.build(config, nnx.Rngs(0)))
+    _PRUNE_LEAVES[key] = prune.mask_leaves(model, config.prune.embeddings)
+  stored = fresh = 0.0
+  for shape, names, pruned in _PRUNE_LEAVES[key]:
+    if pruned:
+      local = math.prod(shape) / shards(names, rules, sizes, shape)
+      stored, fresh = stored + local, fresh + local
+    else:
+      stored += 1
+  return stored, fresh
 
 
 def _optimizer_values(config: ml_collections.ConfigDict, shape: tuple[int, ...]) -> tuple[float, float]:
@@ -613,21 +681,31 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   count = trained_count = 0
   stack_bytes = 0.0  # parameters of the scanned layer stacks (for the per-layer transient)
   whole_params = 0.0  # parameters gathered over fsdp
-  for (shape, itemsize, names), updated in zip(param_leaves(config), trainable_leaves(config)):
+  qat_copy = dequantized = 0.0
+  compute_bytes = jnp.dtype(config.precision.compute_dtype).itemsize
+  # Under mixed precision the layers already make a compute-dtype copy of each weight (the cast);
+  # the fake-quantized copy takes its place (measured: no change in temp with bfloat16 compute).
+  qat_fresh_copy = config.quant.qat == "int8" and config.precision.compute_dtype == config.precision.param_dtype
+  for (shape, itemsize, names, is_weight), updated in zip(param_leaves(config), trainable_leaves(config)):
     size = math.prod(shape)
     count += size
     local = size / shards(names, rules, sizes, shape)
     params += local * itemsize
     if updated:  # frozen weights (LoRA's base) have no gradient or optimizer state
-      sharded, replicated = _optimizer_values(config, shape)
-      optimizer += (sharded * local + replicated * size) * itemsize
+      optimizer += _optimizer_bytes(config, shape, itemsize, names, rules, sizes)
       trained += local * itemsize
       trained_count += size
+      if config.optim.name == "adamw8bit" and adam8bit.is_quantized(shape):
+        dequantized += 2 * local * _F32
+    if is_weight and "layers" in names and qat_fresh_copy:
+      qat_copy += local * compute_bytes
     tensor_only = tuple(n if n in ("heads", "kv_heads", "mlp", "gates", "vocab") else None for n in names)
     whole = size * itemsize / shards(tensor_only, rules, sizes, shape)  # gathered over fsdp
     whole_params += whole
     if "layers" in names:  # a scanned layer's weights are gathered whole (over fsdp) while it runs
       stack_bytes += whole
+  masks, fresh_masks = _prune_mask_bytes(config, rules, sizes)
+  optimizer += masks
   grads = trained  # gradients in the parameter dtype, sharded like the parameters (ZeRO-2/3 under FSDP)
   dims = _dims(config, sizes, levers.microbatches, levers)
   batch_ways = math.prod(sizes.get(a, 1) for a in _axes(rules.get("batch")))
@@ -641,25 +719,55 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   # inputs and targets int32, weights f32, this device's rows.
   inputs = config.data.batch_size / batch_ways * config.data.seq_len * 12
 
-  transient_bwd = max(acts.layer_transient, acts.head_transient)
+  # QAT: the forward pass reads a fake-quantized copy of every matmul weight; the layer scan keeps the
+  # stacked kernels' copy for the backward pass (measured, float32: +1.0x their bytes of temp, Transformer
+  # with any remat policy; the LSTM's came to 0.9x), while the embedding's is fused into its readers.
+  # 8-bit Adam: the update dequantizes both moments of every 8-bit parameter to float32; XLA's CPU buffer
+  # assignment gave those buffers space of their own beside the backward pass's (measured: +2 x 4 bytes per
+  # 8-bit parameter of temp whatever the phase of the peak), so they add to either phase.
+  # Pruning: the step writes the masks it may have recomputed into a buffer of their own, 1 byte per pruned
+  # element beside the backward pass's (measured, CPU: temp + 1.0x the mask bytes, Transformer and LSTM).
+  transient_bwd = max(acts.layer_transient, acts.head_transient) + qat_copy + dequantized + fresh_masks
   if _uses_lstm_stack(config) and batch_ways > 1:
     # Measured on the LSTM stack (not the Transformer's): under FSDP the whole
     # stack's gathered weights are alive during its backward pass; under pure
     # data parallelism a second, all-reduced copy of the gradients is.
     transient_bwd += (whole_params - params) if sizes.get("fsdp", 1) > 1 else grads
   backward = live_grads + acts.saved + transient_bwd
-  update = grads + cal.update_buffers * grads
+  update = grads + cal.update_buffers * grads + dequantized + fresh_masks
   if backward >= update:
     phase, activations, transient, grads_term = "backward", acts.saved, transient_bwd, live_grads
   else:
-    phase, activations, transient, grads_term = "update", 0.0, cal.update_buffers * grads, grads
+    phase, activations, transient, grads_term = "update", 0.0, update - grads, grads
   terms = dict(params=int(params), grads=int(grads_term), optimizer=int(optimizer),
                activations=int(activations), transient=int(transient), inputs=int(inputs))
   detail = dict(acts.detail, param_count=count, trainable_param_count=trained_count, saved_activations=int(acts.saved),
                 layer_transient=int(acts.layer_transient), head_transient=int(acts.head_transient),
                 per_device_batch=dims.b, microbatches=levers.microbatches, remat_policy=levers.policy,
                 time_chunk=levers.time_chunk, backend=backend,
-                attention=dims.attention, calibration=cal.fitted_on)
+                attention=dims.attention, calibration=cal.fitted_on,
+                qat_weight_copy=int(qat_copy), optimizer_dequantized=int(dequantized),
+                prune_masks=int(masks), prune_fresh_masks=int(fresh_masks))
   host = acts.detail.get("host_per_layer", 0) * config.model.layers
   return Estimate(**terms, total=sum(terms.values()), phase=phase, num_devices=math.prod(sizes.values()),
                   mesh=dict(sizes), detail=detail, host=int(host))
+
+
+def serving_bytes(config: ml_collections.ConfigDict, context_len: int | None = None, batch: int = 1) -> dict[str, int]:
+  """Bytes of evaluation and generation (one device, no training state), by the config's quantization levers.
+
+  Returns:
+    {"params": parameters as stored (int8 values and float32 scales for the
+     matmul weights under quant.weights = "int8", the rest in param_dtype),
+     "state": working memory for `context_len` tokens (default data.seq_len)
+     and `batch` sequences in quant.state (DESIGN.md definition),
+     "total": their sum}. Nothing is created: shapes come from nnx.eval_shape.
+  """
+  def build():
+    model = models.build(config, nnx.Rngs(0))
+    return quant.quantize_model(model) if config.quant.weights == "int8" else model
+
+  model = nnx.eval_shape(build)
+  params = quant.param_bytes(model)
+  state = int(model.state_bytes(context_len or config.data.seq_len, batch=batch))
+  return {"params": params, "state": state, "total": params + state}

@@ -237,6 +237,7 @@ def _stack(config: ml_collections.ConfigDict, kind: str, *, rngs: nnx.Rngs) -> n
                           **precision_kwargs(config))
   return transformer.TransformerStack(m.d, m.layers, m.heads, m.kv_heads, m.mlp_ratio, window=m.window,
                                       rope_base=m.rope_base, dropout=m.dropout, remat_policy=config.remat.policy,
+                                      attention=m.attention, attention_block=m.attention_block,
                                       rngs=rngs, **precision_kwargs(config))
 
 

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from wm.compress import quant
 from wm.typing import Array, Float, Int, Logits, Tokens, Weights
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -83,13 +84,16 @@ class Embed(nnx.Module):
     self.embedding = nnx.Param(table, out_sharding=("vocab", "embed"))
 
   def __call__(self, tokens: Int[Array, "..."]) -> Float[Array, "... d"]:
-    table = self.embedding[...]
-    return (jnp.take(table, tokens, axis=0) * math.sqrt(self.d)).astype(self.dtype)
+    return (quant.take_rows(self.embedding.get_value(), tokens) * math.sqrt(self.d)).astype(self.dtype)
 
   def attend(self, x: Float[Array, "... d"]) -> Float[Array, "... v"]:
     """Logits x @ E^T in float32 (the tied output head)."""
-    return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype),
-                      preferred_element_type=jnp.float32)
+    table = quant.matmul_weight(self.embedding.get_value(), self.dtype)
+    return jnp.einsum("...d,vd->...v", x.astype(self.dtype), table, preferred_element_type=jnp.float32)
+
+  def quant_axes(self) -> dict[str, tuple[int, ...]]:
+    """Int8 scales per vocabulary row (wm.compress.quant): one scale serves the lookup and `attend`."""
+    return {"embedding": (-1,)}
 
 
 class Dense(nnx.Module):
@@ -129,11 +133,19 @@ class Dense(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     n = len(self.in_shape)
     contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
-    y = jax.lax.dot_general(x.astype(self.dtype), self.kernel[...].astype(self.dtype), (contract, ((), ())),
-                            preferred_element_type=jnp.float32)
+    kernel = quant.matmul_weight(self.kernel.get_value(), self.dtype)  # float, or int8 after quantization
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())), preferred_element_type=jnp.float32)
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32)
     return y.astype(self.dtype)
+
+  def quant_axes(self) -> dict[str, tuple[int, ...]]:
+    """Int8 scales per output channel (wm.compress.quant): reduce over the contracted input dims.
+
+    Counted from the end, so a stacked kernel's leading "layers" axis keeps a scale per layer.
+    """
+    n_in, n_out = len(self.in_shape), len(self.out_shape)
+    return {"kernel": tuple(range(-(n_in + n_out), -n_out))}
 
 
 Linear = Dense  # the name readers coming from nnx.Linear / torch.nn.Linear look for

@@ -45,13 +45,16 @@ keeps one matmul per step.
 
 Working memory between tokens is (h, c) per layer: layers * 2 * d values.
 Gate nonlinearities run in float32; the carried state is kept in the compute
-dtype, which is what `state_bytes` counts.
+dtype, and between generation steps in `quant.state` (float32, bfloat16,
+int8 with a scale per row, or float8_e4m3fn: wm.compress.quant), which is
+what `state_bytes` counts.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.ad_checkpoint
@@ -60,12 +63,14 @@ import ml_collections
 from flax import nnx
 
 from wm import parallel
+from wm.compress import quant
 from wm.models import layers as L
 from wm.models import remat as R
 from wm.models import sharing
 from wm.typing import Array, Batch, Float, Hidden, Int, Logits, Tokens
 
-State = list[tuple[jax.Array, jax.Array]]  # per layer (h [b, d], c [b, d])
+# Per layer (h [b, d], c [b, d]); between generation steps in the state dtype (int8: quant.QArray, a scale per row).
+State = list[tuple[Any, Any]]
 
 REMAT_TAGS = frozenset({"gates", "h", "c"})
 
@@ -181,17 +186,22 @@ class LSTMLayer(nnx.Module):
     # Gathered over the FSDP axis once per sequence, outside the time loop:
     # otherwise every step re-gathers it (and XLA's CPU partitioner got the
     # gradient wrong on a 2x2x2 data/fsdp/tensor mesh, see tests/test_parallel.py).
-    w_h = self.w_h[...]
+    w_h = self.w_h.get_value()
     if self.w_h_lora is not None:
       # W_h + (alpha / r) A B formed once per sequence: a [d, 4d] add beside T
       # recurrent matmuls, where h A B inside the loop would add two per step.
-      w_h = w_h.astype(jnp.float32) + self.w_h_lora.delta()
-    return {"w_h": parallel.constrain(w_h.astype(self.dtype), (None, "gates"))}
+      w_h = quant.matmul_weight(w_h, jnp.float32) + self.w_h_lora.delta()
+    w_h = quant.matmul_weight(w_h, self.dtype)  # float, or int8 after quantization
+    return {"w_h": parallel.constrain(w_h, (None, "gates"))}
 
   def merge_lora(self) -> None:
     """Folds the recurrent adapter into W_h (W_x's is its LoRADense's own; see layers.merge_lora)."""
     if self.w_h_lora is not None:
       self.w_h[...] = (self.w_h[...].astype(jnp.float32) + self.w_h_lora.delta()).astype(self.w_h.dtype)
+
+  def quant_axes(self) -> dict[str, tuple[int, ...]]:
+    """Int8 scales per gate column of W_h (wm.compress.quant): reduce over its input rows."""
+    return {"w_h": (-2,)}
 
   def __call__(self, x: Float[Array, "b t d_in"], h: jax.Array, c: jax.Array, time_chunk: int = 0,
                fused: bool = False) -> tuple[Hidden, tuple[jax.Array, jax.Array]]:
@@ -251,13 +261,16 @@ class LSTMStack(nnx.Module):
 
   def __init__(self, d_in: int, d: int, layers: int, *, forget_bias: float = 1.0, dropout: float = 0.0,
                param_dtype=jnp.float32, dtype=jnp.float32, remat_policy: str = "none", time_chunk: int = 0,
-               share_layers: int = 1, lora_rank: int = 0, lora_alpha: float = 0.0, rngs: nnx.Rngs):
+               share_layers: int = 1, lora_rank: int = 0, lora_alpha: float = 0.0, state_dtype: str = "",
+               rngs: nnx.Rngs):
     R.checkpoint_policy(remat_policy, REMAT_TAGS)  # fail at construction on a bad policy name
     if share_layers < 1 or layers % share_layers:
       raise ValueError(f"share_layers={share_layers} must be >= 1 and divide layers={layers}")
     if share_layers > 1 and d_in != d:
       raise ValueError(f"share_layers={share_layers} needs every layer to map d -> d; the first maps {d_in} -> {d}")
     self.d, self.num_layers, self.dtype = d, layers, dtype
+    # (h, c) storage between generation steps (config quant.state); "" keeps the compute dtype.
+    self.state_dtype = quant.check_state_dtype(state_dtype or jnp.dtype(dtype).name)
     self.dropout, self.remat_policy, self.time_chunk = dropout, remat_policy, time_chunk
     self.share = share_layers
     kw = dict(forget_bias=forget_bias, param_dtype=param_dtype, dtype=dtype, lora_rank=lora_rank,
@@ -275,8 +288,15 @@ class LSTMStack(nnx.Module):
     self.stacked = make(rngs) if self.num_stacked else None
 
   def init_state(self, batch: int) -> State:
-    zeros = jnp.zeros((batch, self.d), self.dtype)
+    zeros = quant.encode_state(jnp.zeros((batch, self.d), self.dtype), self.state_dtype)
     return [(zeros, zeros) for _ in range(self.num_layers)]
+
+  def state_bytes(self, batch: int = 1) -> int:
+    """layers * 2 (h, c) * batch rows of d elements in the state dtype."""
+    return self.num_layers * 2 * batch * quant.state_row_bytes(self.state_dtype, self.d)
+
+  def _decoded(self, state: State) -> State:
+    return [(quant.decode_state(h, self.dtype), quant.decode_state(c, self.dtype)) for h, c in state]
 
   def _run(self, body, x, state: State, keys, *, remat: bool) -> tuple[jax.Array, State]:
     """Applies body(x, layer, h, c, key) -> (x, (h, c)) to every layer in order."""
@@ -318,8 +338,7 @@ class LSTMStack(nnx.Module):
     Returns:
       (outputs of the last layer [b, t, d], final per-layer (h, c)).
     """
-    state = initial_state if initial_state is not None else self.init_state(x.shape[0])
-    state = [(h.astype(self.dtype), c.astype(self.dtype)) for h, c in state]
+    state = self._decoded(initial_state if initial_state is not None else self.init_state(x.shape[0]))
     chunk = R.resolve_time_chunk(self.time_chunk if time_chunk is None else time_chunk, x.shape[1])
     keys = None if dropout_key is None or self.dropout <= 0 else jax.random.split(dropout_key, self.num_layers)
 
@@ -341,8 +360,9 @@ class LSTMStack(nnx.Module):
       carry, y = layer.step(x, h, c)
       return y, carry
 
-    state = [(h.astype(self.dtype), c.astype(self.dtype)) for h, c in state]
-    return self._run(body, x_t.astype(self.dtype), state, None, remat=False)
+    y, state = self._run(body, x_t.astype(self.dtype), self._decoded(state), None, remat=False)
+    # Stored in the state dtype until the next token (the cell itself always runs in the compute dtype).
+    return y, [(quant.encode_state(h, self.state_dtype), quant.encode_state(c, self.state_dtype)) for h, c in state]
 
 
 class Model(nnx.Module):
@@ -360,7 +380,7 @@ class Model(nnx.Module):
     self.stack = LSTMStack(m.d, m.d, m.layers, forget_bias=m.forget_bias, dropout=m.dropout,
                            remat_policy=config.remat.policy, time_chunk=config.remat.time_chunk,
                            share_layers=m.share_layers, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
-                           rngs=rngs, **kw)
+                           state_dtype=config.quant.state, rngs=rngs, **kw)
     # LSTM outputs lie in (-1, 1) whatever the width; the norm gives the
     # (possibly tied) head unit-scale inputs.
     self.norm = L.RMSNorm(m.d, **kw)
@@ -449,9 +469,12 @@ class Model(nnx.Module):
     return L.param_count(self)
 
   def state_bytes(self, context_len: int, batch: int = 1) -> int:
-    """Working memory (DESIGN.md): layers * 2 * d * bytes * batch, independent of context_len."""
+    """Working memory (DESIGN.md): layers * 2 * d * bytes * batch, independent of context_len.
+
+    Bytes per element are those of `quant.state` (int8: 1, plus a float32 scale per row of d).
+    """
     del context_len
-    return self.num_layers * 2 * self.d * jnp.dtype(self.dtype).itemsize * batch
+    return self.stack.state_bytes(batch)
 
   def init_state(self, batch: int) -> State:
     return self.stack.init_state(batch)

@@ -31,6 +31,7 @@ every projection (q, k, v, o, up, down) carries a low-rank adapter
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.ad_checkpoint
@@ -39,6 +40,7 @@ import ml_collections
 from flax import nnx
 
 from wm import parallel
+from wm.compress import quant
 from wm.models import attention as attention_lib
 from wm.models import layers as L
 from wm.models import remat as R
@@ -47,7 +49,9 @@ from wm.typing import Array, Batch, Float, Hidden, Int, Logits, Tokens
 
 REMAT_TAGS = frozenset({"qkv", "attn_context", "attn_out", "mlp_hidden"})
 
-Cache = dict[str, jax.Array]  # {"k", "v": [l, b, slots, k, e], "pos": int32 tokens consumed so far}
+# {"k", "v": [l, b, slots, k, e] in the state dtype (int8: a quant.QArray with a scale per [l, b, slot, k]),
+#  "pos": int32 tokens consumed so far}
+Cache = dict[str, Any]
 
 
 def _tag(x: jax.Array, name: str) -> jax.Array:
@@ -129,17 +133,28 @@ class Block(nnx.Module):
     keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
     return self._finish(x, ctx, keys)
 
-  def decode(self, x: Float[Array, "b 1 d"], k_cache: jax.Array, v_cache: jax.Array, pos: jax.Array):
-    """One token at absolute position `pos` against a cache of S slots (slot = position mod S)."""
+  def decode(self, x: Float[Array, "b 1 d"], k_cache: Any, v_cache: Any, pos: jax.Array, state_dtype: str):
+    """One token at absolute position `pos` against a cache of S slots (slot = position mod S).
+
+    The caches hold keys and values in `state_dtype` (wm.compress.quant): the
+    new entries are encoded into it, and the whole cache is read back in the
+    compute dtype for attention.
+    """
     b, slots = x.shape[0], k_cache.shape[1]
     q, k, v = self._qkv(x, jnp.full((b, 1), pos, jnp.int32))
     slot = pos % slots
-    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), slot, axis=1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), slot, axis=1)
+
+    # An int8 entry is a QArray (values and per-row scales, both with the slot axis at 1): write both.
+    def write(cache, new):
+      return jax.tree.map(lambda c, n: jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), slot, axis=1),
+                          cache, quant.encode_state(new, state_dtype))
+
+    k_cache, v_cache = write(k_cache, k), write(v_cache, v)
     # Slot s holds the latest position p <= pos with p = s (mod S); negative = never written.
     slot_pos = pos - jnp.mod(pos - jnp.arange(slots), slots)
     k_pos = jnp.broadcast_to(slot_pos, (b, slots))
-    ctx = attention(q, k_cache, v_cache, jnp.full((b, 1), pos), k_pos, window=self.window, k_valid=k_pos >= 0)
+    ctx = attention(q, quant.decode_state(k_cache, self.dtype), quant.decode_state(v_cache, self.dtype),
+                    jnp.full((b, 1), pos), k_pos, window=self.window, k_valid=k_pos >= 0)
     return self._finish(x, ctx, (None, None)), k_cache, v_cache
 
 
@@ -155,13 +170,16 @@ class TransformerStack(nnx.Module):
   def __init__(self, d: int, layers: int, heads: int, kv_heads: int, mlp_ratio: int, *, window: int = 0,
                rope_base: float = 10_000.0, dropout: float = 0.0, param_dtype=jnp.float32, dtype=jnp.float32,
                remat_policy: str = "none", attention: str = "xla", attention_block: int = 512,
-               share_layers: int = 1, lora_rank: int = 0, lora_alpha: float = 0.0, rngs: nnx.Rngs):
+               share_layers: int = 1, lora_rank: int = 0, lora_alpha: float = 0.0, state_dtype: str = "",
+               rngs: nnx.Rngs):
     R.checkpoint_policy(remat_policy, REMAT_TAGS)  # fail at construction on a bad policy name
     if share_layers < 1 or layers % share_layers:
       raise ValueError(f"share_layers={share_layers} must be >= 1 and divide layers={layers}")
     self.d, self.num_layers, self.kv_heads, self.head_dim = d, layers, kv_heads, d // heads
     self.window, self.rate, self.dtype, self.remat_policy = window, dropout, dtype, remat_policy
     self.share = share_layers
+    # The KV cache's storage between tokens (config quant.state); "" keeps the compute dtype.
+    self.state_dtype = quant.check_state_dtype(state_dtype or jnp.dtype(dtype).name)
 
     # One Block per weight set (per layer without sharing) with its own init
     # keys; vmap stacks their parameters on a leading axis named "layers" in
@@ -229,14 +247,20 @@ class TransformerStack(nnx.Module):
     that have left the window); otherwise at most max_len tokens fit.
     """
     shape = (self.num_layers, batch, self.cache_slots(max_len), self.kv_heads, self.head_dim)
-    return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype), "pos": jnp.zeros((), jnp.int32)}
+    empty = quant.encode_state(jnp.zeros(shape, self.dtype), self.state_dtype)
+    return {"k": empty, "v": empty, "pos": jnp.zeros((), jnp.int32)}
+
+  def state_bytes(self, context_len: int, batch: int = 1) -> int:
+    """layers * 2 (k, v) * kv_heads * min(L, window or L) * batch rows of head_dim elements in the state dtype."""
+    rows = self.num_layers * 2 * self.kv_heads * self.cache_slots(context_len) * batch
+    return rows * quant.state_row_bytes(self.state_dtype, self.head_dim)
 
   def decode_step(self, x: Float[Array, "b d"], cache: Cache) -> tuple[Float[Array, "b d"], Cache]:
     """One position through all blocks, reading and writing the cache."""
     pos = cache["pos"]
 
     def body(x, block, k_cache, v_cache):
-      x, k_cache, v_cache = block.decode(x, k_cache, v_cache, pos)
+      x, k_cache, v_cache = block.decode(x, k_cache, v_cache, pos, self.state_dtype)
       return x, (k_cache, v_cache)
 
     x = x[:, None].astype(self.dtype)
@@ -266,7 +290,7 @@ class Model(nnx.Module):
                                   rope_base=m.rope_base, dropout=m.dropout, remat_policy=config.remat.policy,
                                   attention=m.attention, attention_block=m.attention_block,
                                   share_layers=m.share_layers, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
-                                  rngs=rngs, **kw)
+                                  state_dtype=config.quant.state, rngs=rngs, **kw)
     self.head = None if m.tie_embeddings else L.Dense(m.d, config.data.vocab_size, axes=("embed", "vocab"),
                                                       rngs=rngs, **kw)
 
@@ -291,10 +315,11 @@ class Model(nnx.Module):
     return L.param_count(self)
 
   def state_bytes(self, context_len: int, batch: int = 1) -> int:
-    """Working memory (DESIGN.md): layers * 2 * kv_heads * head_dim * min(L, window or L) * bytes * batch."""
-    s = self.stack
-    kept = min(context_len, s.window) if s.window else context_len
-    return s.num_layers * 2 * s.kv_heads * s.head_dim * kept * jnp.dtype(self.dtype).itemsize * batch
+    """Working memory (DESIGN.md): layers * 2 * kv_heads * head_dim * min(L, window or L) * bytes * batch.
+
+    Bytes per element are those of `quant.state` (int8: 1, plus a float32 scale per head_dim row).
+    """
+    return self.stack.state_bytes(context_len, batch)
 
   def init_cache(self, batch: int, max_len: int) -> Cache:
     return self.stack.init_cache(batch, max_len)
