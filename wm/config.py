@@ -480,6 +480,13 @@ def _check_prune(config: ml_collections.ConfigDict) -> None:
   pr, steps = config.prune, config.train.steps
   _need(pr.method in PRUNE_METHODS, "prune.method",
         f"{pr.method!r} is not one of {PRUNE_METHODS} (\"\" = no pruning)")
+  # Ranges that hold whatever the method, so a bad value is named even while pruning is off.
+  _need(pr.every >= 1, "prune.every", f"must be >= 1 (steps between mask updates), got {pr.every}")
+  _need(pr.start_step >= 1, "prune.start_step", f"must be >= 1 (steps count from 1), got {pr.start_step}")
+  _need(pr.end_step >= 1, "prune.end_step", f"must be >= 1 (steps count from 1), got {pr.end_step}")
+  _need(0.0 <= pr.sparsity <= 1.0, "prune.sparsity", f"must be a fraction in [0, 1], got {pr.sparsity}")
+  _need(pr.m >= 2, "prune.m", f"must be >= 2 (groups of m weights along the input axis), got {pr.m}")
+  _need(1 <= pr.n < pr.m, "prune.n", f"must be in [1, prune.m={pr.m}) (weights kept per group), got {pr.n}")
   if not pr.method:
     return
   # The pruning masks cover the matmul weights the optimizer updates; under LoRA those are frozen.
@@ -499,9 +506,6 @@ def _check_prune(config: ml_collections.ConfigDict) -> None:
     _need(abs(pr.sparsity - (1 - n / m)) < 1e-6, "prune.sparsity",
           f"{n}:{m} keeps {n} of every {m} weights, so the final sparsity is {1 - n / m:g}; "
           f"set prune.sparsity={1 - n / m:g} (got {pr.sparsity})")
-  _need(pr.every >= 1, "prune.every", f"must be >= 1 (steps between mask updates), got {pr.every}")
-  _need(pr.start_step >= 1, "prune.start_step",
-        f"must be >= 1 (steps count from 1; masks change before the update of their step), got {pr.start_step}")
   _need(pr.end_step >= pr.start_step, "prune.end_step",
         f"{pr.end_step} is before prune.start_step={pr.start_step}; set it to start_step (one-shot) or later")
   span = pr.end_step - pr.start_step
