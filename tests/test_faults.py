@@ -426,6 +426,8 @@ EXPLICIT = [
     ("data.num_kv_pairs=40", "seq_len"), ("remat.time_chunk=5", "time_chunk"),
     ("model.tie_embeddings=maybe", "tie_embeddings"),
     ("train.progress=2", "train.progress"),
+    ("model.share_layers=3", "model.share_layers"), ("model.lora_rank=1000", "model.lora_rank"),
+    ("model.lora_alpha=2", "model.lora_alpha"), ("train.init_from=/nonexistent/run", "train.init_from"),
 ]
 
 
@@ -452,6 +454,9 @@ def _cases(config_file, workdir):
       (["generate", "--config", config_file], "--workdir"),
       (["generate", "--config", config_file, "--workdir", workdir], "does not exist"),
       (["prepare", "--config", config_file, "--budget", "1GiB"], "--budget"),
+      (["export", "--workdir", workdir], "--out"), (["export", "--out", workdir], "--workdir"),
+      (["export", "--workdir", workdir + "_none", "--out", workdir], "config.json"),
+      (["export", "--config", config_file, "--workdir", workdir, "--out", workdir], "drop --config"),
       (["train", "--config", "configs/nope.py", "--workdir", workdir], "does not exist"),
       (["train", "--config", ":badarg", "--workdir", workdir], "does not exist"),
       (["train", "--config", "configs", "--workdir", workdir], "not a file"),

@@ -6,6 +6,8 @@ Verbs:
   memory    per-device bytes: analytic estimate beside the compiler's figure; with --budget, a plan
   compile   ahead-of-time compile of the train step for a TPU topology, from a CPU host
   generate  sample from a trained model in --workdir
+  export    merge a LoRA run's adapters into its base weights: a plain model's workdir at --out
+            (python -m wm export --workdir RUN --out DIR; the config is RUN's own)
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import sys
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
   parser = argparse.ArgumentParser(prog="python -m wm", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("verb", choices=["train", "prepare", "memory", "compile", "generate"])
-  parser.add_argument("--config", required=True, help="configs/NAME.py[:ARG]")
-  parser.add_argument("--workdir", help="records and checkpoints (train, generate)")
+  parser.add_argument("verb", choices=["train", "prepare", "memory", "compile", "generate", "export"])
+  parser.add_argument("--config", help="configs/NAME.py[:ARG] (every verb but export)")
+  parser.add_argument("--workdir", help="records and checkpoints (train, generate, export)")
+  parser.add_argument("--out", help="export: the new workdir for the merged model")
   parser.add_argument("--budget", help="per-device training-memory budget, e.g. 2GiB (train, memory)")
   parser.add_argument("--devices", type=int, help="memory: plan for this many devices (CPU host devices are faked)")
   parser.add_argument("--json", action="store_true", help="memory/compile: print JSON instead of a table")
@@ -54,8 +57,17 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
 
 def _check_args(args: argparse.Namespace) -> str | None:
   """Problems with the verb's own flags, as one message (None when fine)."""
-  if args.verb in ("train", "generate") and not args.workdir:
+  if args.verb == "export":
+    if args.config:
+      return "export reads the config of --workdir (its config.json); drop --config"
+  elif not args.config:
+    return f"{args.verb} needs --config configs/NAME.py[:ARG]"
+  if args.verb in ("train", "generate", "export") and not args.workdir:
     return f"{args.verb} needs --workdir DIR"
+  if args.verb == "export" and not args.out:
+    return "export needs --out DIR, the new workdir for the merged model"
+  if args.out and args.verb != "export":
+    return f"--out applies to export, not {args.verb}"
   if args.verb == "generate":
     if args.length < 1:
       return f"--length {args.length}: generate needs a positive number of tokens"
@@ -78,9 +90,15 @@ def main(argv: list[str]) -> int:
   """Runs one verb; returns the exit code. Bad input raises one of `user_errors()`."""
   args, overrides = _parse(argv)
   problem = _check_args(args)
+  if not problem and args.verb == "export" and overrides:
+    problem = "export reads the config of --workdir; --config.FIELD overrides do not apply"
   if problem:
     print(f"error: {problem}", file=sys.stderr)
     return 2
+  if args.verb == "export":
+    from wm import finetune
+    print(json.dumps(finetune.export(args.workdir, args.out)))
+    return 0
   if args.verb == "memory" and args.devices:
     # Must happen before JAX initialises its backends.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")

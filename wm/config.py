@@ -79,6 +79,13 @@ def base_config() -> ml_collections.ConfigDict:
   m.tie_embeddings = True
   m.forget_bias = 1.0  # LSTM forget-gate bias at init (Jozefowicz et al. 2015)
   m.dropout = 0.0
+  # Cross-layer parameter sharing (Lan et al. 2020, ALBERT): each group of share_layers consecutive layers
+  # uses one set of weights; 1 = no sharing. lstm and transformer; must divide layers.
+  m.share_layers = 1
+  # Low-rank adapters (Hu et al. 2021, LoRA): W + (lora_alpha / lora_rank) A B on the attention, MLP and LSTM
+  # gate projections, with the base weights frozen (only A, B train); 0 = off. lstm and transformer.
+  m.lora_rank = 0
+  m.lora_alpha = 0.0  # the adapter scale's numerator; 0 = lora_rank (scale 1)
   # latent models (vae, mixture, vrnn)
   m.encoder = "lstm"  # encoder family for the VAE: "lstm" or "transformer"
   m.decoder = "lstm"  # decoder family for the VAE and mixture
@@ -170,6 +177,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.max_skipped_in_row = 10  # skip_batch: stop once this many consecutive steps were non-finite
   t.progress = True  # tqdm progress bar on process 0
   t.budget = ""  # per-device training-memory budget (e.g. "2GiB"); the planner fits the run to it
+  # A pretrained run's workdir: a fresh run starts from the parameters of its latest verified checkpoint
+  # (not its optimizer state or step); "" = random init. Ignored once this run has checkpoints of its own.
+  t.init_from = ""
   return c
 
 
@@ -351,6 +361,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _need(m.free_bits >= 0, "model.free_bits", "must be >= 0")
   _need(m.iw_samples >= 1, "model.iw_samples", "must be >= 1")
   _need(m.mixture_anneal_steps >= 0, "model.mixture_anneal_steps", "must be >= 0 (0 = no annealing)")
+  _check_levers(m)
 
   for f in ("param_dtype", "compute_dtype"):
     _need(config.precision[f] in DTYPES, f"precision.{f}", f"must be one of {DTYPES}")
@@ -405,6 +416,29 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+def _check_levers(m: ml_collections.ConfigDict) -> None:
+  """Cross-layer sharing and LoRA: the model families that have them, and values that mean something."""
+  _need(m.share_layers >= 1, "model.share_layers", f"must be >= 1 (1 = no sharing), got {m.share_layers}")
+  if m.share_layers > 1:
+    _need(m.name in ("lstm", "transformer"), "model.share_layers",
+          f"sharing is built for the lstm and transformer stacks, not model.name={m.name!r}; set it to 1")
+    divisors = [g for g in range(1, m.layers + 1) if m.layers % g == 0]
+    _need(m.layers % m.share_layers == 0, "model.share_layers",
+          f"{m.share_layers} does not divide model.layers={m.layers}: groups of consecutive layers share one set "
+          f"of weights, so use one of {divisors}")
+  _need(m.lora_rank >= 0, "model.lora_rank", f"must be >= 0 (0 = no adapters), got {m.lora_rank}")
+  _need(m.lora_alpha >= 0, "model.lora_alpha", f"must be >= 0 (0 = lora_rank), got {m.lora_alpha}")
+  if m.lora_rank:
+    _need(m.name in ("lstm", "transformer"), "model.lora_rank",
+          f"adapters are built for the lstm and transformer models, not model.name={m.name!r}; set it to 0")
+    _need(m.lora_rank <= m.d, "model.lora_rank",
+          f"{m.lora_rank} exceeds model.d={m.d}: a rank above the projection's width adds parameters and no "
+          f"expressive power; use at most {m.d}")
+  else:
+    _need(m.lora_alpha == 0, "model.lora_alpha",
+          f"is {m.lora_alpha} but model.lora_rank=0 (no adapters), so it changes nothing; set model.lora_rank too")
+
+
 def remat_tags(config: ml_collections.ConfigDict) -> frozenset[str]:
   """The checkpoint names every remat block of `config.model` emits (what save:/offload: may name).
 
@@ -455,6 +489,10 @@ def _check_prune(config: ml_collections.ConfigDict) -> None:
   _need(1 <= pr.n < pr.m, "prune.n", f"must be in [1, prune.m={pr.m}) (weights kept per group), got {pr.n}")
   if not pr.method:
     return
+  # The pruning masks cover the matmul weights the optimizer updates; under LoRA those are frozen.
+  _need(not config.model.lora_rank, "prune.method",
+        f"{pr.method!r} prunes trained weights, but model.lora_rank={config.model.lora_rank} freezes them; "
+        f"prune the base model before fine-tuning, or set prune.method=\"\"")
   if pr.method == "n:m":
     _need(pr.m >= 2, "prune.m", f"must be >= 2 (groups of m weights along the input axis), got {pr.m}")
     _need(1 <= pr.n < pr.m, "prune.n", f"must be in [1, prune.m={pr.m}) (weights kept per group), got {pr.n}")

@@ -4,8 +4,13 @@ Everything here is a pure function of (config, mesh): `wm.train` runs these
 steps and `wm.memory` compiles the very same ones on abstract inputs to read
 the compiler's byte counts. The state is a plain dict pytree:
 
-    {"params": nnx.State, "rest": nnx.State (non-trainable variables),
-     "opt_state": optax state, "step": int32[], "rng": key}
+    {"params": nnx.State (the trainable parameters), "rest": nnx.State (every
+     other variable), "opt_state": optax state, "step": int32[], "rng": key}
+
+With `model.lora_rank > 0` only the adapters train (Hu et al. 2021): "params"
+holds the LoRA parameters and the frozen base weights sit in "rest", so
+gradients and optimizer state exist for the adapters only (`trainable`; the
+equivalent of `nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)` in our own step).
 
 State is created directly sharded (abstract init with `nnx.eval_shape`,
 shardings from each variable's logical axes, then `jax.jit` with
@@ -65,8 +70,13 @@ def _as_tuple(axes) -> tuple:
   return tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
 
 
-def _split(model: nnx.Module):
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+def trainable(config: ml_collections.ConfigDict):
+  """The nnx filter of the variables the optimizer updates: the LoRA adapters if the model has them, else every Param."""
+  return nnx.LoRAParam if config.model.get("lora_rank", 0) else nnx.Param
+
+
+def _split(model: nnx.Module, config: ml_collections.ConfigDict):
+  graphdef, params, rest = nnx.split(model, trainable(config), ...)
   return graphdef, params, rest
 
 
@@ -110,17 +120,19 @@ def make_setup(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> S
 
   def init_abstract():
     model = models.build(config, nnx.Rngs(config.seed))
-    graphdef, params, rest = _split(model)
+    graphdef, params, rest = _split(model, config)
     return params, rest, tx.init(params)
 
   with parallel.activate(mesh, rules):
     model = nnx.eval_shape(lambda: models.build(config, nnx.Rngs(config.seed)))
-    graphdef, _, _ = _split(model)
+    graphdef, _, _ = _split(model, config)
     # Pruning (config.prune) wraps the optimizer; which weights it prunes is known once the model is.
     tx = optim.with_pruning(tx, config.prune, quant.weight_axes(model))
     params, rest, opt_state = jax.eval_shape(init_abstract)
   # Parameters: a wrong mesh for the model (e.g. tensor=3 with d=128) fails here, naming the parameter.
   param_sh = parallel.state_shardings(params, mesh, rules)
+  if config.model.get("lora_rank", 0):  # the frozen base weights (in "rest") are checked the same way
+    parallel.state_shardings(nnx.state(model, nnx.Param), mesh, rules)
   shardings = {
       "params": param_sh,
       "rest": _variable_shardings(rest, mesh, rules),
@@ -143,7 +155,7 @@ def init_state(setup: Setup) -> State:
 
   def init():
     model = models.build(config, nnx.Rngs(config.seed))
-    _, params, rest = _split(model)
+    _, params, rest = _split(model, config)
     # Created inside the jit so scalars like Adam's count land on the mesh, not on device 0.
     return {"params": params, "rest": rest, "opt_state": setup.tx.init(params),
             "step": jnp.zeros((), jnp.int32),
@@ -237,7 +249,11 @@ def make_train_step(setup: Setup) -> Callable[[State, dict], tuple[State, dict]]
     def weighted_loss(params, microbatch, k, batch_stats):
       if qat:
         params = quant.fake_quantize_params(params, setup.weight_axes)
-      model = nnx.merge(graphdef, params, state["rest"])
+      # copy=True: fresh Variables at this (grad) trace level. The "rest"
+      # Variables belong to the jit's trace, and NNX's transforms inside the
+      # model (nnx.scan over layers) refuse those; "rest" is empty unless
+      # frozen weights live there (LoRA's base).
+      model = nnx.merge(graphdef, params, state["rest"], copy=True)
       extra = {} if batch_stats is None else {"batch_stats": batch_stats}
       loss, metrics = model.loss(microbatch, train=True, rngs=nnx.Rngs(k), **kwargs, **extra)
       return loss * metrics["weight"], _weighted_sum(metrics)

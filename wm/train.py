@@ -16,7 +16,9 @@ checkpoint that verifies (parameters, optimizer state, RNG, data position), so
 a resumed run ends exactly where an uninterrupted one would; a finished run
 trains nothing and returns its last evaluation. A non-finite loss or gradient
 never reaches the train state (see `wm.step.make_train_step`): the run stops,
-or with `train.on_nonfinite=skip_batch` drops that update and goes on.
+or with `train.on_nonfinite=skip_batch` drops that update and goes on. A
+fresh run with `train.init_from=W` starts from the parameters of W's latest
+verified checkpoint (wm.finetune: pretrain, then fine-tune, e.g. with LoRA).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from absl import logging
 
 from wm import checkpoints as ckpt_lib
 from wm import config as config_lib
+from wm import finetune
 from wm import parallel, step as step_lib
 from wm import workdir as workdir_lib
 from wm.compress import prune
@@ -280,6 +283,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           f"the {split} split of {config.data.task!r} holds no example of data.seq_len={config.data.seq_len} "
           f"tokens; lower data.seq_len or give that split more data")
   setup = step_lib.make_setup(config)  # a mesh that does not fit the parameters fails here
+  init_step = None
+  if config.train.init_from and not ckpt_lib.steps(os.path.join(workdir, "checkpoints")):
+    # A fresh run: the pretrained checkpoint must exist and fit the model before anything compiles.
+    init_step = finetune.check_init_from(config, setup, workdir)
 
   is_main = jax.process_index() == 0
   created = not os.path.exists(workdir)
@@ -296,7 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if not _broadcast_int(0 if refused is not None else 1):
       raise refused if refused is not None else WorkdirError(
           f"{workdir} is in use by another run (process 0 could not lock it)")
-    return _run(config, setup, workdir, plan_record, stop_after_step, is_main)
+    return _run(config, setup, workdir, plan_record, stop_after_step, is_main, init_step)
   except BaseException:
     lock.release()
     if created and is_main and os.path.isdir(workdir) and not os.listdir(workdir):
@@ -307,7 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def _run(config, setup, workdir: str, plan_record: dict[str, Any], stop_after_step: int | None,
-         is_main: bool) -> dict[str, Any]:
+         is_main: bool, init_step: int | None = None) -> dict[str, Any]:
   ckpt_dir = os.path.join(workdir, "checkpoints")
   signature = workdir_lib.signature(config, setup.abstract_state, jax.process_count())
   record = config.to_dict()
@@ -319,6 +326,11 @@ def _run(config, setup, workdir: str, plan_record: dict[str, Any], stop_after_st
     start, state, meta = restored
     pipeline.restore_iterator_state(train_iter, meta["data_iterator"][jax.process_index()])
     logging.info("resumed from %s at step %d", ckpt_dir, start)
+  elif config.train.init_from:
+    # init_step is None when this workdir had checkpoints that all failed to restore: check the source now.
+    init_step = finetune.check_init_from(config, setup, workdir) if init_step is None else init_step
+    start, state = 0, finetune.init_state(setup, config.train.init_from, init_step)
+    record["init_from_checkpoint"] = {"workdir": os.path.abspath(config.train.init_from), "step": init_step}
   else:
     start, state = 0, step_lib.init_state(setup)
   if is_main:  # the run is accepted: only now is anything in the workdir written

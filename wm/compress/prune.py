@@ -95,7 +95,6 @@ METHODS = config_lib.PRUNE_METHODS
 # Scores are the int32 bits of |w| (>= 0), -1 for a pruned weight, and _NOT_CANDIDATE (above +inf's
 # bits, 0x7F800000) for a weight N:M keeps whatever happens.
 _NOT_CANDIDATE = 0x7F800001
-_SCORE_STEPS = math.ceil(math.log2(_NOT_CANDIDATE + 2))  # bisection steps over [-1, _NOT_CANDIDATE]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -140,7 +139,7 @@ def prunable(weight_axes: dict[Path, tuple[int, ...]], embeddings: bool = False)
 def sparsity_at(t, pruning: Pruning):
   """s_t of Zhu & Gupta 2017, eq. 1, held between mask updates: 0 before t0, s_f from t0 + nΔt on.
 
-  `t` may be a Python int or a traced integer array (the optimizer's count).
+  `t` is a step number (a Python int, or the traced count + 1 inside the optimizer).
   """
   t = jnp.asarray(t, jnp.int32)
   s_i, s_f = pruning.initial, pruning.sparsity

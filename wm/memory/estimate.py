@@ -157,6 +157,31 @@ def param_leaves(config: ml_collections.ConfigDict) -> tuple[tuple[tuple[int, ..
   return _param_leaves_cached(_shape_key(config))
 
 
+@functools.lru_cache(maxsize=64)
+def _trainable_cached(key: str) -> tuple[bool, ...]:
+  model_cfg, vocab, param_dtype, compute_dtype = json.loads(key)
+  from wm import config as config_lib
+  config = config_lib.base_config()
+  config.model.update(model_cfg)
+  config.data.vocab_size = vocab
+  config.precision.param_dtype, config.precision.compute_dtype = param_dtype, compute_dtype
+  model = nnx.eval_shape(lambda: models.build(config, nnx.Rngs(0)))
+  # Same model and leaf order as _param_leaves_cached (nnx.state(model, nnx.Param) of the same config).
+  return tuple(isinstance(var, nnx.LoRAParam) for var in jax.tree.leaves(
+      nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def trainable_leaves(config: ml_collections.ConfigDict) -> tuple[bool, ...]:
+  """Per `param_leaves` entry, whether the optimizer updates it: with LoRA (Hu et al. 2021) the adapters only.
+
+  Frozen weights still count in `params`, but have no gradient and no
+  optimizer state (wm.step.trainable).
+  """
+  if not config.model.get("lora_rank", 0):
+    return (True,) * len(param_leaves(config))
+  return _trainable_cached(_shape_key(config))
+
+
 def _axes(rule) -> tuple[str, ...]:
   if rule is None:
     return ()
@@ -652,8 +677,8 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   levers = levers or Levers.of(config)
   sizes = dict(levers.mesh) if levers.mesh else mesh_sizes(config, num_devices)
   rules = dict(parallel.rules(config))
-  params = optimizer = 0.0
-  count = 0
+  params = optimizer = trained = 0.0
+  count = trained_count = 0
   stack_bytes = 0.0  # parameters of the scanned layer stacks (for the per-layer transient)
   whole_params = 0.0  # parameters gathered over fsdp
   qat_copy = dequantized = 0.0
@@ -661,16 +686,19 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   # Under mixed precision the layers already make a compute-dtype copy of each weight (the cast);
   # the fake-quantized copy takes its place (measured: no change in temp with bfloat16 compute).
   qat_fresh_copy = config.quant.qat == "int8" and config.precision.compute_dtype == config.precision.param_dtype
-  for shape, itemsize, names, is_weight in param_leaves(config):
+  for (shape, itemsize, names, is_weight), updated in zip(param_leaves(config), trainable_leaves(config)):
     size = math.prod(shape)
     count += size
     local = size / shards(names, rules, sizes, shape)
     params += local * itemsize
-    optimizer += _optimizer_bytes(config, shape, itemsize, names, rules, sizes)
+    if updated:  # frozen weights (LoRA's base) have no gradient or optimizer state
+      optimizer += _optimizer_bytes(config, shape, itemsize, names, rules, sizes)
+      trained += local * itemsize
+      trained_count += size
+      if config.optim.name == "adamw8bit" and adam8bit.is_quantized(shape):
+        dequantized += 2 * local * _F32
     if is_weight and "layers" in names and qat_fresh_copy:
       qat_copy += local * compute_bytes
-    if config.optim.name == "adamw8bit" and adam8bit.is_quantized(shape):
-      dequantized += 2 * local * _F32
     tensor_only = tuple(n if n in ("heads", "kv_heads", "mlp", "gates", "vocab") else None for n in names)
     whole = size * itemsize / shards(tensor_only, rules, sizes, shape)  # gathered over fsdp
     whole_params += whole
@@ -678,10 +706,11 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
       stack_bytes += whole
   masks, fresh_masks = _prune_mask_bytes(config, rules, sizes)
   optimizer += masks
-  grads = params  # gradients in the parameter dtype, sharded like the parameters (ZeRO-2/3 under FSDP)
+  grads = trained  # gradients in the parameter dtype, sharded like the parameters (ZeRO-2/3 under FSDP)
   dims = _dims(config, sizes, levers.microbatches, levers)
   batch_ways = math.prod(sizes.get(a, 1) for a in _axes(rules.get("batch")))
-  layer_param_bytes = stack_bytes / max(config.model.layers, 1)
+  # One weight set runs at a time: a layer's, or with sharing (ALBERT) the set g layers share.
+  layer_param_bytes = stack_bytes / max(config.model.layers // config.model.get("share_layers", 1), 1)
   acts = _activations(config, dims, levers, layer_param_bytes, params, backend, cal)
   # accumulator + this microbatch's, + the sum over time chunks and this chunk's
   live_grads = grads * (1 + (levers.microbatches > 1) + acts.extra_grads)
@@ -712,7 +741,7 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     phase, activations, transient, grads_term = "update", 0.0, update - grads, grads
   terms = dict(params=int(params), grads=int(grads_term), optimizer=int(optimizer),
                activations=int(activations), transient=int(transient), inputs=int(inputs))
-  detail = dict(acts.detail, param_count=count, saved_activations=int(acts.saved),
+  detail = dict(acts.detail, param_count=count, trainable_param_count=trained_count, saved_activations=int(acts.saved),
                 layer_transient=int(acts.layer_transient), head_transient=int(acts.head_transient),
                 per_device_batch=dims.b, microbatches=levers.microbatches, remat_policy=levers.policy,
                 time_chunk=levers.time_chunk, backend=backend,

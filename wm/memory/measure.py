@@ -30,6 +30,7 @@ device memory"):
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -110,6 +111,8 @@ def compiled(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> dic
     backend does not report it), `total_bytes` (argument + output - alias +
     temp), `bound_bytes` and `bound_field` (the figure that bounds device
     memory on this backend, and which field it is: see the module doc),
+    `argument_bytes` (the arguments by part: params, rest, opt_state, step,
+    rng, batch; see `argument_bytes`),
     `flops` (cost_analysis, per device), `backend` (platform),
     `device_kind`, `num_devices`, `mesh` (axis sizes) and `compile_seconds`.
   """
@@ -118,11 +121,30 @@ def compiled(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> dic
   return record(exe, setup, time.perf_counter() - start)
 
 
+def argument_bytes(setup) -> dict[str, int]:
+  """Per-device bytes of each argument of the train step: the state's parts and the batch.
+
+  The step's arguments are the train state {"params", "rest", "opt_state",
+  "step", "rng"} and the batch, so these add up to the compiler's
+  `argument_size_in_bytes` (tests/test_levers.py checks it): the
+  optimizer-state bytes of a compiled step are `opt_state`. With LoRA,
+  "params" are the adapters and the frozen base weights are in "rest".
+  """
+  def local(tree) -> int:
+    return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+               for leaf in jax.tree.leaves(tree))
+
+  out = {name: local(part) for name, part in setup.abstract_state.items()}
+  out["batch"] = local(setup.abstract_batch())
+  return out
+
+
 def record(exe, setup, seconds: float) -> dict[str, Any]:
   """`compiled`'s dict for an executable already compiled by `compiled_step`."""
   device = setup.mesh.devices.flat[0]
   return {
       **memory_fields(exe, device.platform),
+      "argument_bytes": argument_bytes(setup),
       "flops": flops(exe),
       "backend": device.platform,
       "device_kind": device.device_kind,

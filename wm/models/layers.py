@@ -279,3 +279,110 @@ def lm_loss(logits: Logits, targets: Tokens, weights: Weights) -> tuple[jax.Arra
 def param_count(module: nnx.Module) -> int:
   """Number of scalars in the module's nnx.Param variables."""
   return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+# ---------------------------------------------------------------------------
+# Low-rank adapters (Hu et al. 2021, LoRA)
+# ---------------------------------------------------------------------------
+
+# The adapters' variable type: a subclass of nnx.Param, so the model and its
+# sharding treat adapters as parameters, and a filter on this type makes them
+# the only trainable ones (wm.step.trainable). Flax's own type, so nnx.LoRA
+# layers and ours are caught by the same filter.
+LoRAParam = nnx.LoRAParam
+
+
+class LoRA(nnx.Module):
+  """The low-rank update (alpha / r) A B of a `Dense` kernel: in_shape -> r -> out_shape.
+
+  Hu et al. 2021 (sec. 4.1): h = W0 x + (alpha / r) B A x, with A random and B
+  zero, so an adapted model starts equal to its base. In our x @ W layout A is
+  [in..., r] and B is [r, out...]. A is LeCun-normal (variance 1/fan_in, the
+  default of Flax's nnx.LoRA; PEFT's Kaiming-uniform has a third of it), so
+  x A has unit scale like a base projection's output.
+
+  Why not nnx.LoRA / nnx.LoRALinear (flax 0.12.8, read 2026-11-25): they take
+  2-D (in_features, out_features) only, while our projections keep heads as
+  their own dims ([d, heads, head_dim]) for tensor parallelism; they have no
+  alpha / r scale; and they multiply in the promoted dtype without float32
+  accumulation (layers.py's precision contract). The variable type is theirs.
+
+  Logical axes: A carries the kernel's input names, B its output names; the
+  rank dim is None (replicated: r is small, and splitting it would only add
+  a reduction).
+  """
+
+  def __init__(self, in_shape: int | Sequence[int], out_shape: int | Sequence[int], rank: int, *,
+               alpha: float = 0.0, axes: Sequence[str | None], param_dtype=jnp.float32, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.in_shape, self.out_shape = _shape(in_shape), _shape(out_shape)
+    axes = tuple(axes)
+    self.rank, self.dtype = rank, dtype
+    self.scale = (alpha or rank) / rank
+    fan_in = math.prod(self.in_shape)
+    self.a = LoRAParam(normal(rngs.params(), self.in_shape + (rank,), 1 / math.sqrt(fan_in), param_dtype),
+                       out_sharding=axes[:len(self.in_shape)] + (None,))
+    self.b = LoRAParam(jnp.zeros((rank,) + self.out_shape, param_dtype),
+                       out_sharding=(None,) + axes[len(self.in_shape):])
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """(alpha / r) (x A) B in float32, x's trailing in_shape dims contracted."""
+    n = len(self.in_shape)
+    contract = ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ()))
+    xa = jax.lax.dot_general(x.astype(self.dtype), self.a[...].astype(self.dtype), contract,
+                             preferred_element_type=jnp.float32)
+    y = jax.lax.dot_general((self.scale * xa).astype(self.dtype), self.b[...].astype(self.dtype),
+                            (((xa.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return y
+
+  def delta(self) -> jax.Array:
+    """(alpha / r) A B, shaped like the kernel, float32; any leading (stacked-layer) dims of A and B are kept."""
+    a, b = self.a[...].astype(jnp.float32), self.b[...].astype(jnp.float32)
+    lead = a.ndim - len(self.in_shape) - 1
+    a = a.reshape(a.shape[:lead] + (-1, self.rank))
+    b = b.reshape(b.shape[:lead] + (self.rank, -1))
+    return (self.scale * (a @ b)).reshape(a.shape[:lead] + self.in_shape + self.out_shape)
+
+
+class LoRADense(Dense):
+  """A `Dense` with a low-rank adapter: y = x W (+ b) + (alpha / r) (x A) B.
+
+  The base kernel and bias keep their names and shapes, so a base model's
+  checkpoint loads into it (wm.train, `train.init_from`) and `merge_lora`
+  folds the adapter back into a plain Dense's kernel. (x A) B is computed
+  apart from x W rather than as x (W + A B): the backward pass then never
+  forms a kernel-sized gradient, and the extra activation kept is x A, r wide.
+  """
+
+  def __init__(self, in_shape: int | Sequence[int], out_shape: int | Sequence[int], *, lora_rank: int,
+               lora_alpha: float = 0.0, axes: Sequence[str | None], param_dtype=jnp.float32, dtype=jnp.float32,
+               rngs: nnx.Rngs, **kwargs):
+    super().__init__(in_shape, out_shape, axes=axes, param_dtype=param_dtype, dtype=dtype, rngs=rngs, **kwargs)
+    self.lora = LoRA(in_shape, out_shape, lora_rank, alpha=lora_alpha, axes=axes, param_dtype=param_dtype,
+                     dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return (super().__call__(x).astype(jnp.float32) + self.lora(x)).astype(self.dtype)
+
+  def merge_lora(self) -> None:
+    self.kernel[...] = (self.kernel[...].astype(jnp.float32) + self.lora.delta()).astype(self.kernel.dtype)
+
+
+def dense(in_shape, out_shape, *, lora_rank: int = 0, lora_alpha: float = 0.0, **kwargs) -> Dense:
+  """A `Dense`, or a `LoRADense` when lora_rank > 0 (config.model.lora_rank)."""
+  if lora_rank:
+    return LoRADense(in_shape, out_shape, lora_rank=lora_rank, lora_alpha=lora_alpha, **kwargs)
+  return Dense(in_shape, out_shape, **kwargs)
+
+
+def merge_lora(model: nnx.Module) -> None:
+  """Folds every adapter into its base weight in place: W <- W + (alpha / r) A B.
+
+  Calls `merge_lora()` on each submodule that has one (`LoRADense`, the LSTM
+  layer for its recurrent kernel). The adapters stay (unchanged) in the
+  module; the base parameters, split off with `nnx.Not(LoRAParam)`, are then
+  the parameters of the same model without adapters (wm/export.py).
+  """
+  for _, module in nnx.iter_modules(model):
+    if hasattr(type(module), "merge_lora"):
+      module.merge_lora()

@@ -37,6 +37,12 @@ product per step inside the loop (a small matmul plus a 4*d*d add per step);
 the hand-written backward trained the 2-layer d=512 LSTM about 1.5x faster
 on CPU (docs/performance.md).
 
+Levers (wm/models/sharing.py, layers.LoRA): `model.share_layers = g` stacks
+layers/g weight sets, each applied to g consecutive layers; `model.lora_rank`
+adds a low-rank adapter to W_x (layers.LoRADense) and to W_h, the latter
+folded into W_h once per sequence (`LSTMLayer.cell_params`) so the time loop
+keeps one matmul per step.
+
 Working memory between tokens is (h, c) per layer: layers * 2 * d values.
 Gate nonlinearities run in float32; the carried state is kept in the compute
 dtype, and between generation steps in `quant.state` (float32, bfloat16,
@@ -60,6 +66,7 @@ from wm import parallel
 from wm.compress import quant
 from wm.models import layers as L
 from wm.models import remat as R
+from wm.models import sharing
 from wm.typing import Array, Batch, Float, Hidden, Int, Logits, Tokens
 
 # Per layer (h [b, d], c [b, d]); between generation steps in the state dtype (int8: quant.QArray, a scale per row).
@@ -164,20 +171,33 @@ lstm_sequence.defvjp(_lstm_sequence_fwd, _lstm_sequence_bwd)
 class LSTMLayer(nnx.Module):
   """One LSTM layer: input projection and a (chunked) time scan."""
 
-  def __init__(self, d_in: int, d: int, *, forget_bias: float, param_dtype, dtype, rngs: nnx.Rngs):
+  def __init__(self, d_in: int, d: int, *, forget_bias: float, param_dtype, dtype, rngs: nnx.Rngs,
+               lora_rank: int = 0, lora_alpha: float = 0.0):
     self.d, self.dtype = d, dtype
     bias = jnp.zeros((4, d), jnp.float32).at[1].set(forget_bias).reshape(4 * d)  # i, f, g, o
-    self.w_x = L.Dense(d_in, 4 * d, axes=("embed", "gates"), use_bias=True, bias_init=bias,
-                       param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+    self.w_x = L.dense(d_in, 4 * d, axes=("embed", "gates"), use_bias=True, bias_init=bias,
+                       param_dtype=param_dtype, dtype=dtype, rngs=rngs, lora_rank=lora_rank, lora_alpha=lora_alpha)
     w_h = L.normal(rngs.params(), (d, 4 * d), 1 / math.sqrt(d), param_dtype)
     self.w_h = nnx.Param(w_h, out_sharding=("embed", "gates"))
+    self.w_h_lora = (L.LoRA(d, 4 * d, lora_rank, alpha=lora_alpha, axes=("embed", "gates"), param_dtype=param_dtype,
+                            dtype=dtype, rngs=rngs) if lora_rank else None)
 
   def cell_params(self) -> dict[str, jax.Array]:
     # Gathered over the FSDP axis once per sequence, outside the time loop:
     # otherwise every step re-gathers it (and XLA's CPU partitioner got the
     # gradient wrong on a 2x2x2 data/fsdp/tensor mesh, see tests/test_parallel.py).
-    w_h = quant.matmul_weight(self.w_h.get_value(), self.dtype)  # float, or int8 after quantization
+    w_h = self.w_h.get_value()
+    if self.w_h_lora is not None:
+      # W_h + (alpha / r) A B formed once per sequence: a [d, 4d] add beside T
+      # recurrent matmuls, where h A B inside the loop would add two per step.
+      w_h = quant.matmul_weight(w_h, jnp.float32) + self.w_h_lora.delta()
+    w_h = quant.matmul_weight(w_h, self.dtype)  # float, or int8 after quantization
     return {"w_h": parallel.constrain(w_h, (None, "gates"))}
+
+  def merge_lora(self) -> None:
+    """Folds the recurrent adapter into W_h (W_x's is its LoRADense's own; see layers.merge_lora)."""
+    if self.w_h_lora is not None:
+      self.w_h[...] = (self.w_h[...].astype(jnp.float32) + self.w_h_lora.delta()).astype(self.w_h.dtype)
 
   def quant_axes(self) -> dict[str, tuple[int, ...]]:
     """Int8 scales per gate column of W_h (wm.compress.quant): reduce over its input rows."""
@@ -232,25 +252,35 @@ class LSTMStack(nnx.Module):
   temp with and without remat); the scan orders the recomputation layer by
   layer (4.0 MB). Layer 0 stands alone when its input width d_in differs
   from d. Each layer is one remat block (`remat_policy`), and inside it the
-  time scan is chunked (`time_chunk`, Chen et al. 2016).
+  time scan is chunked (`time_chunk`, Chen et al. 2016). With share_layers
+  = g > 1 (d_in == d only) layers/g weight sets are stacked, each applied to
+  g consecutive layers (wm/models/sharing.py).
   """
 
   REMAT_TAGS = REMAT_TAGS
 
   def __init__(self, d_in: int, d: int, layers: int, *, forget_bias: float = 1.0, dropout: float = 0.0,
                param_dtype=jnp.float32, dtype=jnp.float32, remat_policy: str = "none", time_chunk: int = 0,
-               state_dtype: str = "", rngs: nnx.Rngs):
+               share_layers: int = 1, lora_rank: int = 0, lora_alpha: float = 0.0, state_dtype: str = "",
+               rngs: nnx.Rngs):
     R.checkpoint_policy(remat_policy, REMAT_TAGS)  # fail at construction on a bad policy name
+    if share_layers < 1 or layers % share_layers:
+      raise ValueError(f"share_layers={share_layers} must be >= 1 and divide layers={layers}")
+    if share_layers > 1 and d_in != d:
+      raise ValueError(f"share_layers={share_layers} needs every layer to map d -> d; the first maps {d_in} -> {d}")
     self.d, self.num_layers, self.dtype = d, layers, dtype
     # (h, c) storage between generation steps (config quant.state); "" keeps the compute dtype.
     self.state_dtype = quant.check_state_dtype(state_dtype or jnp.dtype(dtype).name)
     self.dropout, self.remat_policy, self.time_chunk = dropout, remat_policy, time_chunk
-    kw = dict(forget_bias=forget_bias, param_dtype=param_dtype, dtype=dtype)
+    self.share = share_layers
+    kw = dict(forget_bias=forget_bias, param_dtype=param_dtype, dtype=dtype, lora_rank=lora_rank,
+              lora_alpha=lora_alpha)
     self.first = LSTMLayer(d_in, d, rngs=rngs, **kw) if d_in != d else None
     self.num_stacked = layers - (self.first is not None)
 
-    # Stacked parameters get a leading axis named "layers" (see transformer.py).
-    @nnx.split_rngs(splits=max(self.num_stacked, 1))
+    # Stacked parameters get a leading axis named "layers" (see transformer.py);
+    # one entry per weight set (per layer without sharing).
+    @nnx.split_rngs(splits=max(self.num_stacked // share_layers, 1))
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make(rngs):
       return LSTMLayer(d, d, rngs=rngs, **kw)
@@ -280,11 +310,15 @@ class LSTMStack(nnx.Module):
       hs = jnp.stack([h for h, _ in state[n0:]]).astype(self.dtype)
       cs = jnp.stack([c for _, c in state[n0:]]).astype(self.dtype)
       ks = None if keys is None else keys[n0:]
-      # Under a scan the recomputation cannot merge with the forward pass, so prevent_cse is not needed.
-      run = R.remat_block(body, self.remat_policy, REMAT_TAGS, prevent_cse=False) if remat else body
-      scan = nnx.scan(run, in_axes=(nnx.Carry, 0, 0, 0, None if ks is None else 0), out_axes=(nnx.Carry, 0),
-                      transform_metadata={nnx.PARTITION_NAME: "layers"})
-      x, (hs, cs) = scan(x, self.stacked, hs, cs, ks)
+      if self.share > 1:
+        x, (hs, cs) = sharing.apply_shared(body, x, self.stacked, (hs, cs, ks), share=self.share,
+                                           remat_policy=self.remat_policy if remat else "none", tags=REMAT_TAGS)
+      else:
+        # Under a scan the recomputation cannot merge with the forward pass, so prevent_cse is not needed.
+        run = R.remat_block(body, self.remat_policy, REMAT_TAGS, prevent_cse=False) if remat else body
+        scan = nnx.scan(run, in_axes=(nnx.Carry, 0, 0, 0, None if ks is None else 0), out_axes=(nnx.Carry, 0),
+                        transform_metadata={nnx.PARTITION_NAME: "layers"})
+        x, (hs, cs) = scan(x, self.stacked, hs, cs, ks)
       final += [(hs[i], cs[i]) for i in range(self.num_stacked)]
     return x, final
 
@@ -345,6 +379,7 @@ class Model(nnx.Module):
     self.embed = L.Embed(config.data.vocab_size, m.d, rngs=rngs, **kw)
     self.stack = LSTMStack(m.d, m.d, m.layers, forget_bias=m.forget_bias, dropout=m.dropout,
                            remat_policy=config.remat.policy, time_chunk=config.remat.time_chunk,
+                           share_layers=m.share_layers, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
                            state_dtype=config.quant.state, rngs=rngs, **kw)
     # LSTM outputs lie in (-1, 1) whatever the width; the norm gives the
     # (possibly tied) head unit-scale inputs.

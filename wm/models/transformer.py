@@ -22,6 +22,10 @@ Choices and their reasons:
 Layers are created with nnx.vmap (parameters get a leading "layers" axis) and
 applied with nnx.scan, so compile time and temp memory do not grow with
 depth; each scanned block is an nnx.remat block under config.remat.policy.
+With `model.share_layers = g` there are layers/g stacked blocks, each applied
+to g consecutive layers (wm/models/sharing.py). With `model.lora_rank = r`
+every projection (q, k, v, o, up, down) carries a low-rank adapter
+(layers.LoRADense); embeddings, norms and the head have none.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from wm.compress import quant
 from wm.models import attention as attention_lib
 from wm.models import layers as L
 from wm.models import remat as R
+from wm.models import sharing
 from wm.typing import Array, Batch, Float, Hidden, Int, Logits, Tokens
 
 REMAT_TAGS = frozenset({"qkv", "attn_context", "attn_out", "mlp_hidden"})
@@ -89,21 +94,23 @@ class Block(nnx.Module):
   """One pre-norm decoder block."""
 
   def __init__(self, d: int, heads: int, kv_heads: int, mlp_ratio: int, *, window: int, rope_base: float,
-               dropout: float, param_dtype, dtype, rngs: nnx.Rngs, attention: str = "xla", attention_block: int = 512):
+               dropout: float, param_dtype, dtype, rngs: nnx.Rngs, attention: str = "xla", attention_block: int = 512,
+               lora_rank: int = 0, lora_alpha: float = 0.0):
     if d % heads or heads % kv_heads:
       raise ValueError(f"need heads | d and kv_heads | heads, got d={d} heads={heads} kv_heads={kv_heads}")
     e = d // heads
     self.window, self.rope_base, self.rate, self.dtype = window, rope_base, dropout, dtype
     self.impl, self.block = attention, attention_block  # wm/models/attention.py
     kw = dict(param_dtype=param_dtype, dtype=dtype)
+    lora = dict(lora_rank=lora_rank, lora_alpha=lora_alpha)
     self.attn_norm = L.RMSNorm(d, **kw)
-    self.q = L.Dense(d, (heads, e), axes=("embed", "heads", "head_dim"), rngs=rngs, **kw)
-    self.k = L.Dense(d, (kv_heads, e), axes=("embed", "kv_heads", "head_dim"), rngs=rngs, **kw)
-    self.v = L.Dense(d, (kv_heads, e), axes=("embed", "kv_heads", "head_dim"), rngs=rngs, **kw)
-    self.o = L.Dense((heads, e), d, axes=("heads", "head_dim", "embed"), rngs=rngs, **kw)
+    self.q = L.dense(d, (heads, e), axes=("embed", "heads", "head_dim"), rngs=rngs, **lora, **kw)
+    self.k = L.dense(d, (kv_heads, e), axes=("embed", "kv_heads", "head_dim"), rngs=rngs, **lora, **kw)
+    self.v = L.dense(d, (kv_heads, e), axes=("embed", "kv_heads", "head_dim"), rngs=rngs, **lora, **kw)
+    self.o = L.dense((heads, e), d, axes=("heads", "head_dim", "embed"), rngs=rngs, **lora, **kw)
     self.mlp_norm = L.RMSNorm(d, **kw)
-    self.up = L.Dense(d, mlp_ratio * d, axes=("embed", "mlp"), rngs=rngs, **kw)
-    self.down = L.Dense(mlp_ratio * d, d, axes=("mlp", "embed"), rngs=rngs, **kw)
+    self.up = L.dense(d, mlp_ratio * d, axes=("embed", "mlp"), rngs=rngs, **lora, **kw)
+    self.down = L.dense(mlp_ratio * d, d, axes=("mlp", "embed"), rngs=rngs, **lora, **kw)
 
   def _qkv(self, x, positions):
     h = self.attn_norm(x)
@@ -152,28 +159,37 @@ class Block(nnx.Module):
 
 
 class TransformerStack(nnx.Module):
-  """`layers` blocks (stacked parameters) + final RMSNorm, on embeddings [b, t, d]."""
+  """`layers` blocks (stacked parameters) + final RMSNorm, on embeddings [b, t, d].
+
+  With share_layers = g > 1, layers/g blocks are stacked and each is applied
+  to g consecutive layers (ALBERT's cross-layer sharing, wm/models/sharing.py).
+  """
 
   REMAT_TAGS = REMAT_TAGS
 
   def __init__(self, d: int, layers: int, heads: int, kv_heads: int, mlp_ratio: int, *, window: int = 0,
                rope_base: float = 10_000.0, dropout: float = 0.0, param_dtype=jnp.float32, dtype=jnp.float32,
-               remat_policy: str = "none", attention: str = "xla", attention_block: int = 512, state_dtype: str = "",
+               remat_policy: str = "none", attention: str = "xla", attention_block: int = 512,
+               share_layers: int = 1, lora_rank: int = 0, lora_alpha: float = 0.0, state_dtype: str = "",
                rngs: nnx.Rngs):
     R.checkpoint_policy(remat_policy, REMAT_TAGS)  # fail at construction on a bad policy name
+    if share_layers < 1 or layers % share_layers:
+      raise ValueError(f"share_layers={share_layers} must be >= 1 and divide layers={layers}")
     self.d, self.num_layers, self.kv_heads, self.head_dim = d, layers, kv_heads, d // heads
     self.window, self.rate, self.dtype, self.remat_policy = window, dropout, dtype, remat_policy
+    self.share = share_layers
     # The KV cache's storage between tokens (config quant.state); "" keeps the compute dtype.
     self.state_dtype = quant.check_state_dtype(state_dtype or jnp.dtype(dtype).name)
 
-    # One Block per layer with its own init keys; vmap stacks their parameters
-    # on a leading axis named "layers" in the sharding metadata.
-    @nnx.split_rngs(splits=layers)
+    # One Block per weight set (per layer without sharing) with its own init
+    # keys; vmap stacks their parameters on a leading axis named "layers" in
+    # the sharding metadata.
+    @nnx.split_rngs(splits=layers // share_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make(rngs):
       return Block(d, heads, kv_heads, mlp_ratio, window=window, rope_base=rope_base, dropout=dropout,
                    param_dtype=param_dtype, dtype=dtype, rngs=rngs, attention=attention,
-                   attention_block=attention_block)
+                   attention_block=attention_block, lora_rank=lora_rank, lora_alpha=lora_alpha)
 
     self.blocks = make(rngs)
     self.final_norm = L.RMSNorm(d, param_dtype=param_dtype, dtype=dtype)
@@ -201,7 +217,10 @@ class TransformerStack(nnx.Module):
     def body(x, block, key):
       return block(x, positions, key)
 
-    if use_scan:
+    if use_scan and self.share > 1:
+      x, _ = sharing.apply_shared(lambda x, block, key: (body(x, block, key), None), x, self.blocks, (keys,),
+                                  share=self.share, remat_policy=self.remat_policy, tags=REMAT_TAGS)
+    elif use_scan:
       body = R.remat_block(body, self.remat_policy, REMAT_TAGS, prevent_cse=False)
       scan = nnx.scan(body, in_axes=(nnx.Carry, 0, None if keys is None else 0), out_axes=nnx.Carry,
                       transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -213,9 +232,9 @@ class TransformerStack(nnx.Module):
     return self.final_norm(x)
 
   def layer(self, i: int) -> Block:
-    """Block i as a standalone module (a view of slice i of the stacked parameters)."""
+    """Layer i's block as a standalone module (a view of weight set i // share_layers)."""
     graphdef, state = nnx.split(self.blocks)
-    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i // self.share], state))
 
   def cache_slots(self, max_len: int) -> int:
     return min(self.window, max_len) if self.window else max_len
@@ -244,9 +263,14 @@ class TransformerStack(nnx.Module):
       x, k_cache, v_cache = block.decode(x, k_cache, v_cache, pos, self.state_dtype)
       return x, (k_cache, v_cache)
 
-    scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0),
-                    transform_metadata={nnx.PARTITION_NAME: "layers"})
-    y, (k, v) = scan(x[:, None].astype(self.dtype), self.blocks, cache["k"], cache["v"])
+    x = x[:, None].astype(self.dtype)
+    if self.share > 1:  # the cache stays per layer: each application of a set writes its own keys and values
+      y, (k, v) = sharing.apply_shared(body, x, self.blocks, (cache["k"], cache["v"]), share=self.share,
+                                       remat_policy="none", tags=REMAT_TAGS)
+    else:
+      scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0),
+                      transform_metadata={nnx.PARTITION_NAME: "layers"})
+      y, (k, v) = scan(x, self.blocks, cache["k"], cache["v"])
     return self.final_norm(y[:, 0]), {"k": k, "v": v, "pos": pos + 1}
 
 
@@ -265,6 +289,7 @@ class Model(nnx.Module):
     self.stack = TransformerStack(m.d, m.layers, m.heads, m.kv_heads, m.mlp_ratio, window=m.window,
                                   rope_base=m.rope_base, dropout=m.dropout, remat_policy=config.remat.policy,
                                   attention=m.attention, attention_block=m.attention_block,
+                                  share_layers=m.share_layers, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
                                   state_dtype=config.quant.state, rngs=rngs, **kw)
     self.head = None if m.tie_embeddings else L.Dense(m.d, config.data.vocab_size, axes=("embed", "vocab"),
                                                       rngs=rngs, **kw)
