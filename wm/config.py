@@ -493,9 +493,6 @@ def _check_prune(config: ml_collections.ConfigDict) -> None:
   _need(not config.model.lora_rank, "prune.method",
         f"{pr.method!r} prunes trained weights, but model.lora_rank={config.model.lora_rank} freezes them; "
         f"prune the base model before fine-tuning, or set prune.method=\"\"")
-  if pr.method == "n:m":
-    _need(pr.m >= 2, "prune.m", f"must be >= 2 (groups of m weights along the input axis), got {pr.m}")
-    _need(1 <= pr.n < pr.m, "prune.n", f"must be in [1, prune.m={pr.m}) (weights kept per group), got {pr.n}")
   if pr.method == "2:4":
     _need((pr.n, pr.m) == (2, 4), "prune.n",
           f"method \"2:4\" keeps 2 of 4, but prune.n={pr.n}, prune.m={pr.m}; use method \"n:m\" for other ratios")
