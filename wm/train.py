@@ -330,7 +330,7 @@ def _run(config, setup, workdir: str, plan_record: dict[str, Any], stop_after_st
     # init_step is None when this workdir had checkpoints that all failed to restore: check the source now.
     init_step = finetune.check_init_from(config, setup, workdir) if init_step is None else init_step
     start, state = 0, finetune.init_state(setup, config.train.init_from, init_step)
-    record["init_from_checkpoint"] = {"workdir": os.path.abspath(config.train.init_from), "step": init_step}
+    record["init_from_checkpoint"] = {"workdir": config.train.init_from, "step": init_step}
   else:
     start, state = 0, step_lib.init_state(setup)
   if is_main:  # the run is accepted: only now is anything in the workdir written
