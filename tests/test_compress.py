@@ -23,8 +23,7 @@ from wm import generate, optim, parallel
 from wm import step as step_lib
 from wm.compress import adam8bit, quant
 from wm.models import lstm, transformer
-
-FAST = {"xla_backend_optimization_level": 0}  # as in tests/test_models.py: same HLO, half the compile time
+from tests.test_models import FAST, init
 
 
 def config(name="transformer", *, d=32, heads=2, state="", window=0, vocab=37, **fields):
@@ -38,23 +37,14 @@ def config(name="transformer", *, d=32, heads=2, state="", window=0, vocab=37, *
   return config_lib.validate(config_lib.override(c, fields))
 
 
-_INITIAL_STATES = {}
-
-
 def build(c):
-  """The config's model; parameter init compiled once per parameter structure (eagerly every draw compiles alone).
+  """The config's model through test_models.init (parameter init compiled once per parameter structure).
 
   The quantization levers change no parameter, so models that differ only in
   them share one initial state.
   """
   module = {"lstm": lstm, "transformer": transformer}[c.model.name]
-  make = lambda: module.Model(c, rngs=nnx.Rngs(0))
-  graphdef, abstract = nnx.split(nnx.eval_shape(make))
-  leaves, treedef = jax.tree.flatten(abstract)
-  key = (treedef, tuple((x.shape, str(x.dtype)) for x in leaves))
-  if key not in _INITIAL_STATES:
-    _INITIAL_STATES[key] = jax.jit(lambda: nnx.state(make()), compiler_options=FAST)()
-  return nnx.merge(graphdef, _INITIAL_STATES[key])
+  return init(lambda: module.Model(c, rngs=nnx.Rngs(0)))
 
 
 def tokens(b=2, t=16, vocab=37, seed=0):

@@ -20,6 +20,7 @@ from wm import parallel
 from wm import step as step_lib
 from wm import train
 from wm.compress import prune, quant
+from tests.test_compress import _toy_batches
 
 
 def pruning(sparsity=0.5, start=0, end=0, every=1, n=0, m=0, weights=None):
@@ -226,18 +227,6 @@ def test_masks_survive_a_checkpoint_and_the_run_resumes_with_them(tmp_path):
   assert evals[-1]["sparsity_layers"]["stack/blocks/up/kernel"] == [0.5, 0.5]
   train_sparsity = [r["sparsity"] for r in records if r["split"] == "train"]
   assert train_sparsity == sorted(train_sparsity) and train_sparsity[-1] == 0.5
-
-
-def _toy_batches(c, n, seed=0):
-  """Sequences of the map x -> 3x + 1 (mod V): learnable in a few dozen steps."""
-  rng = np.random.default_rng(seed)
-  b, t, v = c.data.batch_size, c.data.seq_len, c.data.vocab_size
-  for _ in range(n):
-    x = np.empty((b, t + 1), np.int32)
-    x[:, 0] = rng.integers(0, v, b)
-    for i in range(t):
-      x[:, i + 1] = (3 * x[:, i] + 1) % v
-    yield {"inputs": x[:, :-1], "targets": x[:, 1:], "weights": np.ones((b, t), np.float32)}
 
 
 @functools.lru_cache(maxsize=None)
