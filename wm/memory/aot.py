@@ -58,16 +58,22 @@ def _quiet_libtpu(topology: str) -> None:
     jax.config.update("jax_platforms", "cpu")
 
 
+def _tpu_topology(topology: str, flag: str):
+  """libtpu's compile-only description of a TPU slice, or a ConfigError naming `flag`."""
+  from jax.experimental import topologies
+  _quiet_libtpu(topology)
+  try:
+    return topologies.get_topology_desc(platform="tpu", topology_name=topology)
+  except Exception as e:  # libtpu raises JaxRuntimeError / ValueError with its own wording
+    raise ConfigError(f"libtpu could not describe {flag} {topology!r}: {e}\n"
+                      f"Topologies look like v5e:2x2, v5e:4x4, v6e:2x2, v5p:2x2x1, v4:2x2x1") from e
+
+
 def topology_mesh(config: ml_collections.ConfigDict, topology: str):
   """A `Mesh` with the config's axes over the compile-only devices of a TPU topology."""
   from jax.experimental import topologies
   from wm import parallel
-  _quiet_libtpu(topology)
-  try:
-    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
-  except Exception as e:  # libtpu raises JaxRuntimeError / ValueError with its own wording
-    raise ConfigError(f"libtpu could not describe --topology {topology!r}: {e}\n"
-                      f"Topologies look like v5e:2x2, v5e:4x4, v5p:2x2x1, v4:2x2x1") from e
+  desc = _tpu_topology(topology, "--topology")
   devices = list(desc.devices)
   sizes = parallel.mesh_shape(config.mesh, len(devices))
   return topologies.make_mesh(desc, tuple(sizes[a] for a in parallel.AXES), parallel.AXES)
@@ -97,12 +103,7 @@ def target_mesh(config: ml_collections.ConfigDict, target: str | None = None):
   if not libtpu_available():
     raise ConfigError(f"--target {target!r} needs the TPU compiler (libtpu): {INSTALL_HINT}")
   from jax.experimental import topologies
-  _quiet_libtpu(target)
-  try:
-    desc = topologies.get_topology_desc(platform="tpu", topology_name=target)
-  except Exception as e:  # libtpu raises JaxRuntimeError / ValueError with its own wording
-    raise ConfigError(f"libtpu could not describe --target {target!r}: {e}\n"
-                      f"Topologies look like v5e:2x2, v5e:4x4, v6e:2x2, v5p:2x2x1, v4:2x2x1") from e
+  desc = _tpu_topology(target, "--target")
   devices = list(desc.devices)
   n = config.mesh.num_devices or len(devices)
   if n > len(devices):
