@@ -1,7 +1,7 @@
 """Local text corpora: which files, and which of their bytes go to each split.
 
 `data.text_source="files"` with `data.text_files` (see its comment in
-wm/config.py), or "stdlib" (the interpreter's own standard-library sources).
+wm/config/schema.py), or "stdlib" (the interpreter's own standard-library sources).
 `layout(spec)` turns the field into a `Layout`: per split, the documents
 (`Piece`s: a file, or a byte range of one) in order. The layouts, in the order
 they are tried:
@@ -307,7 +307,7 @@ def _detected_layout(spec: str) -> Layout:
 
 
 def layout(spec: str) -> Layout:
-  """How the files of `data.text_files` split (see the field's comment in wm/config.py).
+  """How the files of `data.text_files` split (see the field's comment in wm/config/schema.py).
 
   - `train=PATTERNS;validation=PATTERNS[;test=PATTERNS]` (valid and dev are
     accepted for validation): each split is exactly the files its patterns match.
