@@ -97,7 +97,7 @@ def record_extra(config, result: dict) -> dict:
   import jax
   import numpy as np
   from flax import nnx
-  from wm import parallel, step as step_lib, train
+  from wm import evaluation, parallel, step as step_lib
   from wm.data import pipeline
   from wm.models import latent
 
@@ -114,7 +114,7 @@ def record_extra(config, result: dict) -> dict:
 
   means, masks = [], []
   with parallel.activate(setup.mesh, setup.rules):
-    for local in train._eval_batches(config):  # the sequences train.evaluate scored, padding rows weight 0
+    for local in evaluation.eval_batches(config):  # the sequences evaluation.evaluate scored, padding rows weight 0
       batch = step_lib.global_batch(setup, local)
       means.append(np.asarray(encode(state, batch["targets"], batch["weights"])))
       masks.append(np.any(local["weights"] > 0, axis=1))

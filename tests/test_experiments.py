@@ -109,7 +109,7 @@ def test_fit_exponent_recovers_a_power_law():
 
 
 def test_vae_active_units_are_counted_over_the_evaluated_sequences(tmp_path):
-  """record_extra encodes exactly the sequences train.evaluate scores (the fixed sample, without padding rows)."""
+  """record_extra encodes exactly the sequences evaluation.evaluate scores (the fixed sample, without padding rows)."""
   from wm import step as step_lib
   from wm.data import pipeline
   vae = load("vae_table")

@@ -24,6 +24,7 @@ import pytest
 from wm import __main__ as cli
 from wm import checkpoints as ckpt_lib
 from wm import config as config_lib
+from wm import resume
 from wm import step as step_lib
 from wm import train
 from wm import workdir as workdir_lib
@@ -116,7 +117,7 @@ def test_damaged_latest_checkpoint_is_quarantined_and_previous_used(data_root, r
   config = config_for(data_root)
   setup = step_lib.make_setup(config)
   signature = workdir_lib.signature(config, setup.abstract_state, 1)
-  step, state, _ = train._restore(config, setup, str(workdir / "checkpoints"), str(workdir), signature, True)
+  step, state, _ = resume.restore_latest(config, setup, str(workdir / "checkpoints"), str(workdir), signature, True)
   assert step == 20 and int(state["step"]) == 20
   quarantined = os.listdir(workdir / "checkpoints" / ckpt_lib.QUARANTINE)
   assert len(quarantined) == 1 and quarantined[0].startswith("25-")
@@ -190,8 +191,8 @@ def test_nan_stops_within_the_step_and_keeps_good_checkpoints(data_root, tmp_pat
   # A rerun resumes from step 10, whose state is the uninterrupted run's (resuming from
   # there is bitwise exact: test_flipped_bytes_then_resume_is_bitwise_exact).
   setup = step_lib.make_setup(config)
-  step, state, _ = train._restore(config, setup, str(workdir / "checkpoints"), str(workdir),
-                                  workdir_lib.signature(config, setup.abstract_state, 1), True)
+  step, state, _ = resume.restore_latest(config, setup, str(workdir / "checkpoints"), str(workdir),
+                                        workdir_lib.signature(config, setup.abstract_state, 1), True)
   assert step == 10 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(state)))
 
 
@@ -211,8 +212,8 @@ def test_divergent_learning_rate_stops_at_the_first_nonfinite_step(data_root, tm
   # A rerun resumes from that checkpoint, whose parameters are finite (if far from sane:
   # the same command then stops at the same step again).
   setup = step_lib.make_setup(config)
-  step, state, _ = train._restore(config, setup, ckpt_dir, str(workdir),
-                                  workdir_lib.signature(config, setup.abstract_state, 1), True)
+  step, state, _ = resume.restore_latest(config, setup, ckpt_dir, str(workdir),
+                                        workdir_lib.signature(config, setup.abstract_state, 1), True)
   assert step == last["step"] - 1
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(state)))
 

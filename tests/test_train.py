@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from wm import config as config_lib
+from wm import evaluation
 from wm import models
 from wm import step as step_lib
 from wm import train
@@ -177,16 +178,16 @@ def test_eval_scores_the_whole_split_or_a_fixed_sample_spread_over_it(tmp_path):
   state, eval_step = step_lib.init_state(setup), step_lib.make_eval_step(setup)
   examples = pipeline.examples(config, "validation")
   tokens = lambda rows: sum(float(np.sum(examples[i]["weights"])) for i in rows)
-  whole = train.evaluate(config, setup, state, eval_step)
+  whole = evaluation.evaluate(config, setup, state, eval_step)
   assert whole["eval_examples"] == 40 and whole["eval_tokens"] == tokens(range(40))
 
   sampled = config_lib.override(config, {"train.eval_batches": 2})
-  first = train.evaluate(sampled, setup, state, eval_step)
-  assert first == train.evaluate(sampled, setup, state, eval_step)  # the same sample every time
+  first = evaluation.evaluate(sampled, setup, state, eval_step)
+  assert first == evaluation.evaluate(sampled, setup, state, eval_step)  # the same sample every time
   assert first["eval_examples"] == 32
   # The 32 examples are drawn from all 40, not the first 32 in file order.
-  picked = sorted(train.eval_indices(40, 16, 2))
+  picked = sorted(evaluation.eval_indices(40, 16, 2))
   assert len(picked) == len(set(picked)) == 32 and max(picked) >= 32
-  scored = {tuple(r) for b in train._eval_batches(sampled) for r, w in zip(b["targets"], b["weights"]) if w.any()}
+  scored = {tuple(r) for b in evaluation.eval_batches(sampled) for r, w in zip(b["targets"], b["weights"]) if w.any()}
   assert scored == {tuple(examples[i]["targets"]) for i in picked}
   assert first["eval_tokens"] == tokens(picked)

@@ -129,8 +129,8 @@ def main(argv: list[str]) -> int:
     from wm.memory import aot
     return aot.main(config, topology=args.topology, as_json=args.json)
   elif args.verb == "generate":
-    from wm import generate, train
-    train.check_generate_workdir(config, args.workdir)  # a missing or foreign workdir is one message
+    from wm import generate, resume
+    resume.check_generate_workdir(config, args.workdir)  # a missing or foreign workdir is one message
     return generate.main(config, args.workdir, num_samples=args.num_samples, length=args.length,
                          prompt=args.prompt)
   return 0

@@ -56,6 +56,21 @@ def _on_multihost_cluster() -> bool:
   return hosts.count(",") >= 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
+def sync_processes(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (e.g. before process 0 moves files others read)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def broadcast_from_main(value: int) -> int:
+  """Process 0's `value` on every process (so all act on one decision, e.g. whether the workdir lock was taken)."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+
+
 def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
   """Resolves -1 sizes and checks that the axes multiply to the device count."""
   sizes = {a: int(mesh_config[a]) for a in AXES}

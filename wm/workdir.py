@@ -16,6 +16,7 @@ other is refused with the differing leaves and config fields named.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -269,6 +270,44 @@ def record_config(workdir: str, record: dict[str, Any], resumed_from: int | None
           "changed": config_changes(previous, record), "config": record}
   with open(os.path.join(workdir, "config_history.jsonl"), "a") as f:
     f.write(json.dumps(line, default=str) + "\n")
+
+
+class Records:
+  """Writes metrics.jsonl (and TensorBoard events, when tensorboardX is installed); only process 0 writes."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    self.writer = None
+    if enabled:
+      self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      try:
+        from tensorboardX import SummaryWriter
+        self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:  # TensorBoard events are a convenience; the JSON lines are the record.
+        logging.warning("tensorboardX not installed: no TensorBoard events")
+
+  def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    line = {"step": int(step), "split": split, **metrics}
+    # A non-finite float becomes null: NaN is not JSON, and readers other than Python's reject it.
+    line = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in line.items()}
+    self.file.write(json.dumps(line) + "\n")
+    self.file.flush()
+    if self.writer is not None:
+      for k, v in metrics.items():
+        if isinstance(v, (int, float)) and math.isfinite(v):
+          self.writer.add_scalar(f"{split}/{k}", v, step)
+        elif isinstance(v, list):
+          for i, x in enumerate(v):
+            self.writer.add_scalar(f"{split}/{k}/{i}", x, step)
+      self.writer.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self.file.close()
+      if self.writer is not None:
+        self.writer.close()
 
 
 def _metric_lines(workdir: str):
