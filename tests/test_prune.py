@@ -19,7 +19,7 @@ from wm import config as config_lib
 from wm import parallel
 from wm import step as step_lib
 from wm import train
-from wm.compress import prune, quant
+from wm.compress import leaves, prune, prune_masks, quant, sparse_export
 from tests.test_compress import _toy_batches
 
 
@@ -56,7 +56,7 @@ def test_schedule_equals_the_formula_at_update_steps_and_holds_between():
 # ----------------------------------------------------------------------------- masks
 
 
-new_mask = jax.jit(prune.new_mask, static_argnames=("axes", "nm"))
+new_mask = jax.jit(prune_masks.new_mask, static_argnames=("axes", "nm"))
 
 
 def magnitudes(shape, dtype=jnp.float32, seed=0):
@@ -93,7 +93,7 @@ def test_masks_only_grow_and_reach_the_target_from_a_partial_mask():
 def test_nm_masks_keep_exactly_n_in_every_group_along_the_input_axis(n, m):
   # A stacked [layers, heads, head_dim, d] kernel contracting (heads, head_dim): groups run along head_dim.
   w = magnitudes((2, 3, 16, 10), seed=n + m)
-  axis = prune.group_axis((-3, -2), w.ndim)
+  axis = prune_masks.group_axis((-3, -2), w.ndim)
   assert axis == 2
   final = new_mask(w, jnp.ones(w.shape, jnp.uint8), jnp.float32(1 - n / m), (1, 2, 3), nm=(axis, n, m))
   groups = np.moveaxis(np.asarray(final), axis, -1).reshape(-1, m)
@@ -191,7 +191,7 @@ def tiny(tmp_path, steps=24, **overrides):
 
 
 def _leaves_by_path(tree):
-  return {"/".join(quant.path_key(p)): np.asarray(prune._value(x))
+  return {"/".join(quant.path_key(p)): np.asarray(leaves.value(x))
           for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda v: isinstance(v, nnx.Variable))[0]}
 
 
@@ -260,7 +260,7 @@ def test_a_half_pruned_model_trains_and_its_export_halves_the_pruned_bytes(metho
   # Export: float32 values of the kept half + 1 bit (bitmap) or 2 bits per kept value (2:4) = 2.125 bytes
   # per pruned-weight element instead of 4.
   p = prune.Pruning.from_config(setup.config.prune, setup.weight_axes)
-  exported = prune.export_sparse(state["params"], masks, p)
+  exported = sparse_export.export_sparse(state["params"], masks, p)
   w, mk = _leaves_by_path(state["params"]), _leaves_by_path(masks)
   pruned_elems = sum(v.size for v in mk.values() if v.ndim)
   other_bytes = sum(w[k].nbytes for k, v in mk.items() if not v.ndim)
@@ -268,14 +268,14 @@ def test_a_half_pruned_model_trains_and_its_export_halves_the_pruned_bytes(metho
   assert exported["dense_bytes"] == sum(v.nbytes for v in w.values())
   formats = {e["format"] for e in exported["tensors"].values()}
   assert formats == {"dense", "bitmap" if method == "magnitude" else "n:m"}
-  for name, value in prune.densify(exported).items():  # the export is lossless
+  for name, value in sparse_export.densify(exported).items():  # the export is lossless
     np.testing.assert_array_equal(value, w[name])
 
 
 def test_export_writes_the_bytes_it_counts(tmp_path):
   _, state, setup = _trained("2:4")
   masks = prune.find_state(state["opt_state"]).masks
-  exported = prune.export_sparse(state["params"], masks, prune.Pruning.from_config(setup.config.prune,
+  exported = sparse_export.export_sparse(state["params"], masks, prune.Pruning.from_config(setup.config.prune,
                                                                                    setup.weight_axes),
                                  path=str(tmp_path / "sparse.npz"))
   size = os.path.getsize(tmp_path / "sparse.npz")

@@ -1,5 +1,9 @@
 """Gradual magnitude pruning (Zhu & Gupta 2017), unstructured and N:M, as an optax wrapper with masks in its state.
 
+    prune.py          the schedule, the optimizer wrapper, the sparsity it reports (this file)
+    prune_masks.py    the masks: k smallest magnitudes per matrix, N:M candidates
+    sparse_export.py  the compressed export where sparsity saves bytes
+
 Schedule (Zhu & Gupta 2017, "To prune, or not to prune", eq. 1). The masks
 are recomputed every `every` (Δt) steps from `start` (t0) to `end`
 (t0 + n Δt), each time at sparsity
@@ -41,14 +45,7 @@ output logit term too.
   straight-through estimator, or one-shot pruning of a trained model and
   retraining; one-shot is start == end here.)
 
-Masks only ever grow: a pruned weight scores below every live one (score
--1, where |w| >= 0), so with a non-decreasing s_t it stays among the k
-pruned. The k smallest are found by bisection on the bits of |w| (float32
-magnitudes order like their int32 bit patterns), 31 passes of a count over
-the matrix, then a bisection on the position among the ties: counts and
-compares fuse into reductions over the weights as they lie, which a sort
-would not (a sort of a sharded matrix gathers it, and keeps a copy of keys
-and indices).
+How the k smallest are found, and why masks only ever grow: wm.compress.prune_masks.
 
 The optimizer (`pruned(inner, pruning)`) wraps the whole chain (clipping,
 AdamW, learning rate):
@@ -71,7 +68,7 @@ parameters never pruned get a uint8 () placeholder. Packed bits would be 1/8
 byte per element, but a packed mask no longer has the weight's shape to
 shard by. The masks are training state: dense storage of a 50%-sparse matrix
 takes the same bytes as a dense one, plus the mask. Bytes are saved only by
-a compressed form, `export_sparse` (docs/compression.md, "Pruning").
+a compressed form, `sparse_export.export_sparse` (docs/compression.md, "Pruning").
 """
 
 from __future__ import annotations
@@ -82,19 +79,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
 from wm import config as config_lib
-from wm.compress import quant
+from wm.compress import leaves, prune_masks, quant
 
 Path = quant.Path
-STACK_AXES = ("layers", "components")  # leading axes of a stacked weight: each index is one matrix
 METHODS = config_lib.PRUNE_METHODS
-# Scores are the int32 bits of |w| (>= 0), -1 for a pruned weight, and _NOT_CANDIDATE (above +inf's
-# bits, 0x7F800000) for a weight N:M keeps whatever happens.
-_NOT_CANDIDATE = 0x7F800001
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -159,111 +151,6 @@ def is_update_step(t, pruning: Pruning) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------
-# Masks
-# ---------------------------------------------------------------------------
-
-def matrix_axes(leaf: Any) -> tuple[int, ...]:
-  """The axes of one matrix of a (possibly stacked) weight: all but its leading "layers"/"components" axes."""
-  value = _value(leaf)
-  names = leaf.get_metadata().get("out_sharding") if isinstance(leaf, nnx.Variable) else None
-  lead = 0
-  if names and len(names) == value.ndim:
-    while lead < value.ndim and names[lead] in STACK_AXES:
-      lead += 1
-  return tuple(range(lead, value.ndim))
-
-
-def _least(pred, target: jax.Array, lo: int, hi: int, reduce_axes: tuple[int, ...], keep_shape) -> jax.Array:
-  """The least x in [lo, hi] with count(pred(x)) >= target (lo where target <= 0), per slice, by bisection.
-
-  count(pred(x)) must not decrease with x; `target` has `keep_shape` (the
-  slice dims, size 1 on `reduce_axes`). hi - lo must fit in int32.
-  """
-  steps = max(math.ceil(math.log2(hi - lo + 1)), 1)
-
-  def body(_, bounds):
-    low, high = bounds
-    mid = low + (high - low) // 2
-    ok = jnp.sum(pred(mid), axis=reduce_axes, keepdims=True, dtype=jnp.int32) >= target
-    return jnp.where(ok, low, mid + 1), jnp.where(ok, mid, high)
-
-  start = (jnp.full(keep_shape, lo, jnp.int32), jnp.full(keep_shape, hi, jnp.int32))
-  return jax.lax.fori_loop(0, steps, body, start)[0]
-
-
-def smallest(score: jax.Array, k: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-  """True at the k smallest entries of an int32 `score` over `axes` (ties: lower position first), per slice.
-
-  Args:
-    score: int32 in [-1, _NOT_CANDIDATE].
-    k: int32, broadcastable to the slice shape (size 1 on `axes`).
-    axes: the axes of one slice (a matrix).
-  """
-  axes = tuple(sorted(a % score.ndim for a in axes))
-  keep_shape = tuple(1 if i in axes else s for i, s in enumerate(score.shape))
-  k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), keep_shape)
-  value = _least(lambda x: score <= x, k, -1, _NOT_CANDIDATE, axes, keep_shape)  # the k-th smallest score
-  below = score < value
-  need = k - jnp.sum(below, axis=axes, keepdims=True, dtype=jnp.int32)  # how many of the ties at `value`
-  # Position of each element within its slice (row-major), from broadcast iotas: nothing to reshape.
-  pos = jnp.zeros(score.shape, jnp.int32)
-  stride = 1
-  for a in reversed(axes):
-    pos = pos + jax.lax.broadcasted_iota(jnp.int32, score.shape, a) * stride
-    stride *= score.shape[a]
-  tie = score == value
-  last = _least(lambda x: tie & (pos <= x), need, -1, stride - 1, axes, keep_shape)
-  return below | (tie & (pos <= last))
-
-
-def _scores(w: jax.Array, mask: jax.Array) -> jax.Array:
-  """int32 bits of |w| (which order like the magnitudes), -1 where already pruned."""
-  bits = jax.lax.bitcast_convert_type(jnp.abs(w.astype(jnp.float32)), jnp.int32)
-  return jnp.where(mask > 0, bits, -1)
-
-
-def nm_candidates(score: jax.Array, axis: int, n: int, m: int) -> jax.Array:
-  """True at the m - n smallest scores of every group of m consecutive elements along `axis` (ties by position)."""
-  axis %= score.ndim
-  size = score.shape[axis]
-  grouped = score.reshape(score.shape[:axis] + (size // m, m) + score.shape[axis + 1:])
-  within = axis + 1
-  idx = jax.lax.broadcasted_iota(jnp.int32, grouped.shape, within)
-  rank = jnp.zeros(grouped.shape, jnp.int32)
-  for j in range(m):  # rank = how many of the group come before this element in (score, position) order
-    other = jax.lax.slice_in_dim(grouped, j, j + 1, axis=within)
-    rank = rank + ((other < grouped) | ((other == grouped) & (j < idx))).astype(jnp.int32)
-  return (rank < m - n).reshape(score.shape)
-
-
-def group_axis(contracted: tuple[int, ...], ndim: int) -> int:
-  """The axis N:M groups run along: the innermost contracted (input) axis."""
-  return max(a % ndim for a in contracted)
-
-
-def new_mask(w: jax.Array, mask: jax.Array, sparsity: jax.Array, axes: tuple[int, ...],
-             nm: tuple[int, int, int] | None = None) -> jax.Array:
-  """The uint8 mask of `w` at `sparsity` per matrix over `axes`, keeping every weight `mask` already pruned pruned.
-
-  Args:
-    w: the weight (any float dtype).
-    mask: its current mask (uint8, 1 kept).
-    sparsity: the fraction of each matrix to prune (a float32 scalar, may be traced).
-    axes: the axes of one matrix; the others index stacked matrices.
-    nm: (group axis, n, m) for N:M, or None for unstructured.
-  """
-  size = math.prod(w.shape[a] for a in axes)
-  k = jnp.round(sparsity * size).astype(jnp.int32)
-  score = _scores(w, mask)
-  if nm is not None:
-    axis, n, m = nm
-    score = jnp.where(nm_candidates(score, axis, n, m), score, _NOT_CANDIDATE)
-    k = jnp.minimum(k, size // m * (m - n))  # never past the N:M pattern, whatever float rounding gives
-  # `& mask`: a lower target than before (never the schedule's) does not bring pruned weights back.
-  return (jnp.logical_not(smallest(score, k, axes)) & (mask > 0)).astype(jnp.uint8)
-
-
-# ---------------------------------------------------------------------------
 # The optimizer
 # ---------------------------------------------------------------------------
 
@@ -275,26 +162,8 @@ class PruneState(NamedTuple):
   inner: Any
 
 
-def _value(leaf: Any) -> jax.Array:
-  return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
-
-
-def _like(leaf: Any, value: jax.Array, **metadata) -> Any:
-  """`value` in place of a parameter leaf; an nnx.Variable keeps its metadata (changed by `metadata`)."""
-  return leaf.replace(value, **metadata) if isinstance(leaf, nnx.Variable) else value
-
-
-def _is_leaf(x: Any) -> bool:
-  return isinstance(x, nnx.Variable)
-
-
-def _flat(tree: Any) -> tuple[list[Path], list[Any], Any]:
-  pairs, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
-  return [quant.path_key(p) for p, _ in pairs], [x for _, x in pairs], treedef
-
-
 def _check_groups(path: Path, shape: tuple[int, ...], contracted: tuple[int, ...], pruning: Pruning) -> None:
-  axis = group_axis(contracted, len(shape))
+  axis = prune_masks.group_axis(contracted, len(shape))
   if shape[axis] % pruning.m:
     raise config_lib.ConfigError(
         f"config.prune.method: {pruning.n}:{pruning.m} groups run along the input axis of {'/'.join(path)} "
@@ -316,20 +185,20 @@ def pruned(inner: optax.GradientTransformation, pruning: Pruning) -> optax.Gradi
     def mask(path, p):
       key = quant.path_key(path)
       if key not in pruning.weights:
-        return _like(p, jnp.ones((), jnp.uint8), out_sharding=())
+        return leaves.like(p, jnp.ones((), jnp.uint8), out_sharding=())
       if pruning.m:
-        _check_groups(key, _value(p).shape, pruning.weights[key], pruning)
-      return _like(p, jnp.ones(_value(p).shape, jnp.uint8))
+        _check_groups(key, leaves.value(p).shape, pruning.weights[key], pruning)
+      return leaves.like(p, jnp.ones(leaves.value(p).shape, jnp.uint8))
 
-    masks = jax.tree_util.tree_map_with_path(mask, params, is_leaf=_is_leaf)
+    masks = jax.tree_util.tree_map_with_path(mask, params, is_leaf=leaves.is_variable)
     return PruneState(jnp.zeros([], jnp.int32), masks, inner.init(params))
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("pruning reads the weights: call update(grads, state, params)")
-    paths, p_leaves, _ = _flat(params)
-    _, m_leaves, m_treedef = _flat(state.masks)
-    _, g_leaves, g_treedef = _flat(updates)
+    paths, p_leaves, _ = leaves.flatten(params)
+    _, m_leaves, m_treedef = leaves.flatten(state.masks)
+    _, g_leaves, g_treedef = leaves.flatten(updates)
     pruned_at = [i for i, key in enumerate(paths) if key in pruning.weights]
 
     t = state.count + 1  # the step this update completes (module docstring)
@@ -338,30 +207,30 @@ def pruned(inner: optax.GradientTransformation, pruning: Pruning) -> optax.Gradi
       s = sparsity_at(t, pruning)
       out = []
       for i, mask in zip(pruned_at, values):
-        w = _value(p_leaves[i])
+        w = leaves.value(p_leaves[i])
         nm = None
         if pruning.m:
-          nm = (group_axis(pruning.weights[paths[i]], w.ndim), pruning.n, pruning.m)
-        out.append(new_mask(w, mask, s, matrix_axes(p_leaves[i]), nm))
+          nm = (prune_masks.group_axis(pruning.weights[paths[i]], w.ndim), pruning.n, pruning.m)
+        out.append(prune_masks.new_mask(w, mask, s, prune_masks.matrix_axes(p_leaves[i]), nm))
       return out
 
-    old = [_value(m_leaves[i]) for i in pruned_at]
+    old = [leaves.value(m_leaves[i]) for i in pruned_at]
     fresh = jax.lax.cond(is_update_step(t, pruning), recompute, lambda values: values, old)
     m_leaves = list(m_leaves)
     for i, value in zip(pruned_at, fresh):
-      m_leaves[i] = _like(m_leaves[i], value)
+      m_leaves[i] = leaves.like(m_leaves[i], value)
 
     g_leaves = list(g_leaves)
     for i in pruned_at:
-      g = _value(g_leaves[i])
-      g_leaves[i] = _like(g_leaves[i], g * _value(m_leaves[i]).astype(g.dtype))
+      g = leaves.value(g_leaves[i])
+      g_leaves[i] = leaves.like(g_leaves[i], g * leaves.value(m_leaves[i]).astype(g.dtype))
     u, inner_state = inner.update(jax.tree.unflatten(g_treedef, g_leaves), state.inner, params)
-    _, u_leaves, u_treedef = _flat(u)
+    _, u_leaves, u_treedef = leaves.flatten(u)
     u_leaves = list(u_leaves)
     for i in pruned_at:
-      u_value, w = _value(u_leaves[i]), _value(p_leaves[i])
-      kept = _value(m_leaves[i]) > 0
-      u_leaves[i] = _like(u_leaves[i], jnp.where(kept, u_value, -w.astype(u_value.dtype)))
+      u_value, w = leaves.value(u_leaves[i]), leaves.value(p_leaves[i])
+      kept = leaves.value(m_leaves[i]) > 0
+      u_leaves[i] = leaves.like(u_leaves[i], jnp.where(kept, u_value, -w.astype(u_value.dtype)))
     return (jax.tree.unflatten(u_treedef, u_leaves),
             PruneState(optax.safe_increment(state.count), jax.tree.unflatten(m_treedef, m_leaves), inner_state))
 
@@ -391,133 +260,27 @@ def find_state(opt_state: Any) -> PruneState | None:
 
 def sparsity(masks: Any) -> jax.Array:
   """Fraction of the pruned weights' elements that are zero (the placeholders of other parameters not counted)."""
-  leaves = [_value(x) for x in jax.tree.leaves(masks, is_leaf=_is_leaf) if _value(x).ndim]
-  if not leaves:
+  arrays = [leaves.value(x) for x in jax.tree.leaves(masks, is_leaf=leaves.is_variable) if leaves.value(x).ndim]
+  if not arrays:
     return jnp.float32(0.0)
   # Counted in int32 per weight, so a fully dense model reports exactly 0 (1 - kept / total would round).
-  pruned_count = sum((x.size - jnp.sum(x, dtype=jnp.int32)).astype(jnp.float32) for x in leaves)
-  return pruned_count / float(sum(x.size for x in leaves))
+  pruned_count = sum((x.size - jnp.sum(x, dtype=jnp.int32)).astype(jnp.float32) for x in arrays)
+  return pruned_count / float(sum(x.size for x in arrays))
 
 
 def layer_sparsity(masks: Any) -> dict[str, jax.Array]:
   """{"path/of/weight": fraction pruned per matrix}: a float for a single matrix, an array shaped by the
   stack axes for a stacked weight (one value per layer, [components, layers] for separate mixture decoders).
 
-  Jit it with replicated outputs (wm.train does) to read it on every host; `.tolist()` gives JSON.
+  Jit it with replicated outputs (wm.evaluation does) to read it on every host; `.tolist()` gives JSON.
   """
   out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(masks, is_leaf=_is_leaf)[0]:
-    value = _value(leaf)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(masks, is_leaf=leaves.is_variable)[0]:
+    value = leaves.value(leaf)
     if value.ndim:
-      axes = matrix_axes(leaf)
+      axes = prune_masks.matrix_axes(leaf)
       size = math.prod(value.shape[a] for a in axes)
       out["/".join(quant.path_key(path))] = (size - jnp.sum(value, axis=axes, dtype=jnp.int32)) / size
-  return out
-
-
-# ---------------------------------------------------------------------------
-# Export: where sparsity saves bytes
-# ---------------------------------------------------------------------------
-
-def _index_bits(m: int) -> int:
-  return max(math.ceil(math.log2(m)), 1)
-
-
-def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
-  """Unsigned codes < 2**bits, `bits` bits each, little-endian within a byte, packed into uint8."""
-  flat = codes.reshape(-1).astype(np.uint8)
-  planes = (flat[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
-  return np.packbits(planes.reshape(-1), bitorder="little")
-
-
-def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-  planes = np.unpackbits(packed, bitorder="little")[:count * bits].reshape(count, bits)
-  return (planes << np.arange(bits, dtype=np.uint8)).sum(axis=1).astype(np.uint8)
-
-
-def export_sparse(params: Any, masks: Any, pruning: Pruning | None = None,
-                  path: str | None = None) -> dict[str, Any]:
-  """A compressed copy of the weights and its byte count (host memory, NumPy).
-
-  Pruned weights are stored as their kept values plus where they sit:
-    - "bitmap" (unstructured): values in row-major order + one bit per element;
-      bytes = nnz * itemsize + N / 8.
-    - "n:m" (when `pruning` is N:M and every group keeps at most n): n values
-      per group of m along the input axis + ceil(log2 m) bits per value for
-      its position in the group (NVIDIA's 2:4 layout: 2 bits per kept value);
-      bytes = N n/m * itemsize + N n/m * ceil(log2 m) / 8.
-  Everything else is stored dense. CSR (int32 column indices and row
-  pointers) would cost nnz * (itemsize + 4) + 4 (rows + 1): at 50% float32,
-  as many bytes as dense, which is why the bitmap is the format here.
-
-  Args:
-    params: the parameters (an nnx.State or a pytree of arrays).
-    masks: the masks from the optimizer state (`find_state(opt_state).masks`).
-    pruning: the run's pruning (for N:M); None = every pruned weight as a bitmap.
-    path: if given, the arrays are also written there with `np.savez` (uncompressed).
-
-  Returns:
-    {"tensors": {name: {"format", "shape", "dtype", arrays...}}, "bytes": exported bytes (the arrays'
-     nbytes, headers not counted), "dense_bytes": the same parameters stored dense,
-     "ratio": bytes / dense_bytes}.
-  """
-  paths, p_leaves, _ = _flat(params)
-  _, m_leaves, _ = _flat(masks)
-  tensors: dict[str, dict[str, Any]] = {}
-  for key, p, m in zip(paths, p_leaves, m_leaves):
-    w, mask = np.asarray(_value(p)), np.asarray(_value(m))
-    name = "/".join(key)
-    entry: dict[str, Any] = {"shape": list(w.shape), "dtype": str(w.dtype)}
-    if not mask.ndim:
-      entry.update(format="dense", values=w)
-    else:
-      keep = mask.astype(bool)
-      nm = None
-      if pruning is not None and pruning.m and key in pruning.weights:
-        axis = group_axis(pruning.weights[key], w.ndim)
-        groups = np.moveaxis(keep, axis, -1).reshape(-1, pruning.m)
-        if groups.sum(axis=1).max(initial=0) <= pruning.n:
-          nm = axis
-      if nm is not None:
-        n, m = pruning.n, pruning.m
-        wg = np.moveaxis(w, nm, -1).reshape(-1, m)
-        kg = np.moveaxis(keep, nm, -1).reshape(-1, m)
-        # The kept positions first (stable), then pruned ones to fill a group that kept fewer than n (zeros).
-        idx = np.argsort(~kg, axis=1, kind="stable")[:, :n]
-        values = np.where(np.take_along_axis(kg, idx, axis=1), np.take_along_axis(wg, idx, axis=1), 0).astype(w.dtype)
-        entry.update(format="n:m", n=n, m=m, axis=nm, values=values.reshape(-1),
-                     index=_pack(idx, _index_bits(m)))
-      else:
-        entry.update(format="bitmap", values=w[keep], bitmap=np.packbits(keep.reshape(-1)))
-    tensors[name] = entry
-  stored = sum(sum(v.nbytes for v in e.values() if isinstance(v, np.ndarray)) for e in tensors.values())
-  dense = sum(np.asarray(_value(p)).nbytes for p in p_leaves)
-  if path is not None:
-    np.savez(path, **{f"{name}/{k}": v for name, e in tensors.items() for k, v in e.items()
-                      if isinstance(v, np.ndarray)})
-  return {"tensors": tensors, "bytes": int(stored), "dense_bytes": int(dense), "ratio": stored / max(dense, 1)}
-
-
-def densify(exported: dict[str, Any]) -> dict[str, np.ndarray]:
-  """{name: dense array} back from `export_sparse` (pruned entries zero): the round trip is exact."""
-  out = {}
-  for name, e in exported["tensors"].items():
-    shape, dtype = tuple(e["shape"]), np.dtype(e["dtype"])
-    if e["format"] == "dense":
-      out[name] = e["values"]
-    elif e["format"] == "bitmap":
-      keep = np.unpackbits(e["bitmap"])[:math.prod(shape)].astype(bool).reshape(shape)
-      w = np.zeros(shape, dtype)
-      w[keep] = e["values"]
-      out[name] = w
-    else:
-      n, m, axis = e["n"], e["m"], e["axis"]
-      moved = tuple(np.moveaxis(np.empty(shape, np.uint8), axis, -1).shape)
-      groups = math.prod(shape) // m
-      idx = _unpack(e["index"], _index_bits(m), groups * n).reshape(groups, n).astype(np.int64)
-      wg = np.zeros((groups, m), dtype)
-      np.put_along_axis(wg, idx, e["values"].reshape(groups, n), axis=1)
-      out[name] = np.moveaxis(wg.reshape(moved), -1, axis)
   return out
 
 
@@ -529,8 +292,8 @@ def mask_leaves(model: nnx.Module, embeddings: bool = False) -> tuple[tuple[tupl
   """
   weights = prunable(quant.weight_axes(model), embeddings)
   out = []
-  for path, var in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param), is_leaf=_is_leaf)[0]:
-    shape = tuple(_value(var).shape)
+  for path, var in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param), is_leaf=leaves.is_variable)[0]:
+    shape = tuple(leaves.value(var).shape)
     names = tuple(var.get_metadata().get("out_sharding") or ())
     out.append((shape, names if len(names) == len(shape) else (None,) * len(shape), quant.path_key(path) in weights))
   return tuple(out)
