@@ -195,11 +195,6 @@ def stream_key(rngs: nnx.Rngs | None, stream: str) -> jax.Array:
   return jax.random.PRNGKey(0) if rngs is None else getattr(rngs, stream)()
 
 
-def precision_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  return dict(param_dtype=L.dtype_of(config.precision.param_dtype),
-              dtype=L.dtype_of(config.precision.compute_dtype))
-
-
 def rebuild(graphdef: nnx.GraphDef, state: nnx.State) -> nnx.Module:
   """A module merged inside a JAX transform's body (lax.scan, checkpoint) from state split outside it.
 
@@ -234,11 +229,11 @@ def _stack(config: ml_collections.ConfigDict, kind: str, *, rngs: nnx.Rngs) -> n
   if kind == "lstm":
     return lstm.LSTMStack(m.d, m.d, m.layers, forget_bias=m.forget_bias, dropout=m.dropout,
                           remat_policy=config.remat.policy, time_chunk=config.remat.time_chunk, rngs=rngs,
-                          **precision_kwargs(config))
+                          **L.precision_kwargs(config))
   return transformer.TransformerStack(m.d, m.layers, m.heads, m.kv_heads, m.mlp_ratio, window=m.window,
                                       rope_base=m.rope_base, dropout=m.dropout, remat_policy=config.remat.policy,
                                       attention=m.attention, attention_block=m.attention_block,
-                                      rngs=rngs, **precision_kwargs(config))
+                                      rngs=rngs, **L.precision_kwargs(config))
 
 
 class Encoder(nnx.Module):
@@ -251,7 +246,7 @@ class Encoder(nnx.Module):
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     m = config.model
-    kw = precision_kwargs(config)
+    kw = L.precision_kwargs(config)
     self.kind, self.latent_dim = m.encoder, m.latent_dim
     self.embed = L.Embed(config.data.vocab_size, m.d, rngs=rngs, **kw)
     self.body = _stack(config, m.encoder, rngs=rngs)
@@ -296,7 +291,7 @@ class Decoder(nnx.Module):
   def __init__(self, config: ml_collections.ConfigDict, *, latent_dim: int = 0, heads: int = 1,
                mask_token: bool = False, rngs: nnx.Rngs):
     m = config.model
-    kw = precision_kwargs(config)
+    kw = L.precision_kwargs(config)
     self.kind, self.vocab, self.num_heads = m.decoder, config.data.vocab_size, heads
     self.d, self.num_layers, self.dtype = m.d, m.layers, kw["dtype"]
     self.embed = L.Embed(self.vocab, m.d, rngs=rngs, **kw)
@@ -312,14 +307,10 @@ class Decoder(nnx.Module):
       self.z_proj = L.Dense(latent_dim, (m.layers, 2, m.d), axes=("latent", None, None, "embed"), rngs=rngs, **kw)
     else:
       self.z_proj = L.Dense(latent_dim, m.d, axes=("latent", "embed"), rngs=rngs, **kw)
-    self.tied = heads == 1 and m.tie_embeddings
-    if self.tied:
-      self.head = None
-    elif heads == 1:
-      self.head = L.Dense(m.d, self.vocab, axes=("embed", "vocab"), rngs=rngs, **kw)
-    else:
-      # Independent random heads: the components start as different LMs (symmetry breaking).
-      self.head = L.Dense(m.d, (heads, self.vocab), axes=("embed", "components", "vocab"), rngs=rngs, **kw)
+    # K > 1 heads are independent random heads, never tied: the components start as different LMs
+    # (symmetry breaking).
+    self.head = L.output_head(m.d, self.vocab if heads == 1 else (heads, self.vocab),
+                              tied=heads == 1 and m.tie_embeddings, rngs=rngs, **kw)
 
   def _lstm_state(self, z: jax.Array | None, batch: int) -> lstm.State:
     if z is None or self.z_proj is None:
@@ -341,9 +332,7 @@ class Decoder(nnx.Module):
     """Float32 logits [..., v] (one head) or [..., heads, v] from body outputs."""
     if self.norm is not None:
       h = self.norm(h)
-    if self.tied:
-      return self.embed.attend(h)
-    return self.head(h).astype(jnp.float32)
+    return L.head_logits(self.embed, self.head, h)
 
   def __call__(self, tokens: Tokens, z: Float[Array, "b z"] | None = None, *, dropped: jax.Array | None = None,
                dropout_key: jax.Array | None = None) -> jax.Array:

@@ -1,4 +1,4 @@
-"""Layers shared by the model families: embedding, dense, RMSNorm, rotary, loss.
+"""Layers shared by the model families: embedding, dense, output head, RMSNorm, rotary, loss.
 
 Precision: parameters are stored in `param_dtype` and cast to the compute
 `dtype` right before a matmul; matmuls accumulate in float32
@@ -39,6 +39,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from wm.compress import quant
@@ -52,6 +53,11 @@ def dtype_of(name: str) -> jnp.dtype:
   if name not in _DTYPES:
     raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
   return jnp.dtype(_DTYPES[name])
+
+
+def precision_kwargs(config: ml_collections.ConfigDict) -> dict[str, jnp.dtype]:
+  """`param_dtype` and `dtype` from config.precision: the keywords every layer here takes."""
+  return dict(param_dtype=dtype_of(config.precision.param_dtype), dtype=dtype_of(config.precision.compute_dtype))
 
 
 def _shape(s: int | Sequence[int]) -> tuple[int, ...]:
@@ -149,6 +155,25 @@ class Dense(nnx.Module):
 
 
 Linear = Dense  # the name readers coming from nnx.Linear / torch.nn.Linear look for
+
+
+def output_head(d: int, vocab: int | Sequence[int], *, tied: bool, rngs: nnx.Rngs, **precision) -> Dense | None:
+  """The projection from width `d` to logits, or None when the embedding table is the head (`tied`).
+
+  `vocab` may be a shape, e.g. (components, vocab) for a mixture's K heads;
+  `precision` is `precision_kwargs(config)`.
+  """
+  if tied:
+    return None
+  names = ("embed", "vocab") if isinstance(vocab, int) else ("embed", "components", "vocab")
+  return Dense(d, vocab, axes=names, rngs=rngs, **precision)
+
+
+def head_logits(embed: Embed, head: Dense | None, x: Float[Array, "... d"]) -> jax.Array:
+  """Float32 logits of `x` through `head`, or through the embedding table (`Embed.attend`) when it is None."""
+  if head is None:
+    return embed.attend(x)
+  return head(x).astype(jnp.float32)
 
 
 class RMSNorm(nnx.Module):

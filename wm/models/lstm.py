@@ -372,10 +372,9 @@ class Model(nnx.Module):
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     m = config.model
-    param_dtype = L.dtype_of(config.precision.param_dtype)
-    self.dtype = L.dtype_of(config.precision.compute_dtype)
+    kw = L.precision_kwargs(config)
+    self.dtype = kw["dtype"]
     self.d, self.num_layers, self.rate = m.d, m.layers, m.dropout
-    kw = dict(param_dtype=param_dtype, dtype=self.dtype)
     self.embed = L.Embed(config.data.vocab_size, m.d, rngs=rngs, **kw)
     self.stack = LSTMStack(m.d, m.d, m.layers, forget_bias=m.forget_bias, dropout=m.dropout,
                            remat_policy=config.remat.policy, time_chunk=config.remat.time_chunk,
@@ -384,14 +383,10 @@ class Model(nnx.Module):
     # LSTM outputs lie in (-1, 1) whatever the width; the norm gives the
     # (possibly tied) head unit-scale inputs.
     self.norm = L.RMSNorm(m.d, **kw)
-    self.head = None if m.tie_embeddings else L.Dense(m.d, config.data.vocab_size, axes=("embed", "vocab"),
-                                                      rngs=rngs, **kw)
+    self.head = L.output_head(m.d, config.data.vocab_size, tied=m.tie_embeddings, rngs=rngs, **kw)
 
   def _logits(self, x: jax.Array) -> jax.Array:
-    x = self.norm(x)
-    if self.head is None:
-      return self.embed.attend(x)
-    return self.head(x).astype(jnp.float32)
+    return L.head_logits(self.embed, self.head, self.norm(x))
 
   def _forward(self, tokens: Tokens, state: State | None, dropout_key: jax.Array | None,
                time_chunk: int | None = None) -> tuple[Logits, State]:

@@ -59,7 +59,7 @@ class Mixture(nnx.Module):
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     m = config.model
-    kw = latent.precision_kwargs(config)
+    kw = L.precision_kwargs(config)
     self.k, self.shared, self.gated = m.components, m.mixture_heads == "shared", m.mixture_prior == "gated"
     self.vocab = config.data.vocab_size
     self.dtype, self.dropout, self.anneal_steps = kw["dtype"], m.dropout, m.mixture_anneal_steps

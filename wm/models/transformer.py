@@ -281,23 +281,18 @@ class Model(nnx.Module):
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     m = config.model
-    param_dtype = L.dtype_of(config.precision.param_dtype)
-    self.dtype = L.dtype_of(config.precision.compute_dtype)
-    self.rate = m.dropout
-    kw = dict(param_dtype=param_dtype, dtype=self.dtype)
+    kw = L.precision_kwargs(config)
+    self.dtype, self.rate = kw["dtype"], m.dropout
     self.embed = L.Embed(config.data.vocab_size, m.d, rngs=rngs, **kw)
     self.stack = TransformerStack(m.d, m.layers, m.heads, m.kv_heads, m.mlp_ratio, window=m.window,
                                   rope_base=m.rope_base, dropout=m.dropout, remat_policy=config.remat.policy,
                                   attention=m.attention, attention_block=m.attention_block,
                                   share_layers=m.share_layers, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
                                   state_dtype=config.quant.state, rngs=rngs, **kw)
-    self.head = None if m.tie_embeddings else L.Dense(m.d, config.data.vocab_size, axes=("embed", "vocab"),
-                                                      rngs=rngs, **kw)
+    self.head = L.output_head(m.d, config.data.vocab_size, tied=m.tie_embeddings, rngs=rngs, **kw)
 
   def _logits(self, x: jax.Array) -> jax.Array:
-    if self.head is None:
-      return self.embed.attend(x)
-    return self.head(x).astype(jnp.float32)
+    return L.head_logits(self.embed, self.head, x)
 
   def __call__(self, tokens: Tokens, *, dropout_key: jax.Array | None = None, use_scan: bool = True) -> Logits:
     """Logits (float32) [b, t, V] for next-token prediction at every position."""

@@ -33,7 +33,7 @@ class SequenceVAE(nnx.Module):
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     m = config.model
     self.vocab, self.latent_dim = config.data.vocab_size, m.latent_dim
-    self.dtype = latent.precision_kwargs(config)["dtype"]
+    self.dtype = L.precision_kwargs(config)["dtype"]
     self.schedule, self.warmup, self.free_bits = m.kl_schedule, m.kl_warmup_steps, m.free_bits
     self.word_dropout_rate, self.iw_samples, self.dropout = m.word_dropout, m.iw_samples, m.dropout
     self.encoder = latent.Encoder(config, rngs=rngs)

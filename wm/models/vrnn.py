@@ -43,7 +43,7 @@ class VRNN(nnx.Module):
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     m = config.model
-    kw = latent.precision_kwargs(config)
+    kw = L.precision_kwargs(config)
     d, z, v = m.d, m.latent_dim, config.data.vocab_size
     self.vocab, self.latent_dim, self.d, self.num_layers, self.dtype = v, z, d, m.layers, kw["dtype"]
     self.schedule, self.warmup, self.free_bits = m.kl_schedule, m.kl_warmup_steps, m.free_bits
