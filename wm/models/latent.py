@@ -1,4 +1,4 @@
-"""What the latent-variable sequence models share: Gaussians, KL, bounds, encoder, decoder.
+"""What the latent-variable sequence models share: Gaussians, KL, bounds, the training objective, encoder, decoder.
 
 Three ways to put a random variable behind a byte sequence, one file each,
 trained on the same batches as the language models (inputs x_0..x_{T-1},
@@ -140,6 +140,49 @@ def free_bits_kl_sum(kl_sums: Float[Array, "z"], count: jax.Array, free_bits: fl
   mean = stats["kl_d"] / jnp.maximum(stats["count"], 1.0)
   above = jax.lax.stop_gradient((mean > free_bits).astype(jnp.float32))
   return jnp.sum(above * kl_sums + (1.0 - above) * free_bits * count)
+
+
+def elbo_training_loss(weights: Weights, rec: Float[Array, "b"], kl_d: Float[Array, "b z"],
+                       correct: Float[Array, "b"], *, beta: jax.Array, free_bits: float, free_bits_unit: str,
+                       batch_stats: dict[str, jax.Array] | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The training loss of a latent-variable LM, (rec + beta_t * KL with free bits) per scored token, and its metrics.
+
+  One objective for the sequence VAE (one code per sequence) and the VRNN (a
+  code per step, its terms summed over the scored steps of each sequence).
+
+  Args:
+    weights: target weights [b, t].
+    rec: -log p(x|z) per sequence, summed over its scored tokens.
+    kl_d: KL(q || p) per sequence and latent dimension.
+    correct: correct next-token predictions per sequence.
+    beta: this step's KL weight (`kl_weight`).
+    free_bits: lambda in nats per dimension; 0 = off.
+    free_bits_unit: what the floor is a mean over: "sequence" (the VAE's code) or "token" (the VRNN's
+      per-step codes).
+    batch_stats: the global batch's {"kl_d", "count"} (`batch_statistics` summed) when this batch is
+      one microbatch of it; None = this batch is the whole batch.
+
+  Returns:
+    (loss, metrics): loss, nll (rec + KL, nats per token), accuracy, weight, rec, kl and elbo per
+    sequence, beta, and kl_term (the free-bits KL per sequence).
+  """
+  if free_bits_unit not in ("sequence", "token"):
+    raise ValueError(f"free_bits_unit={free_bits_unit!r}: expected 'sequence' or 'token'")
+  w = weights.astype(jnp.float32)
+  mask = sequence_mask(w)
+  # A padding row has no scored token, but the VAE's encoder still gives it a KL: it must not count.
+  rec, kl_d = rec * mask, kl_d * mask[:, None]
+  kl, kl_sums = jnp.sum(kl_d, axis=1), jnp.sum(kl_d, axis=0)
+  count = jnp.sum(mask) if free_bits_unit == "sequence" else jnp.sum(w)
+  stats = {"kl_d": kl_sums, "count": count} if batch_stats is None else batch_stats
+  kl_term = free_bits_kl_sum(kl_sums, count, free_bits, stats)  # summed over the batch's units
+  total = jnp.maximum(jnp.sum(w), 1.0)
+  loss = (jnp.sum(rec) + beta * kl_term) / total
+  metrics = {"loss": loss, "nll": (jnp.sum(rec) + jnp.sum(kl)) / total, "accuracy": jnp.sum(correct) / total,
+             "weight": jnp.sum(w), "rec": masked_mean(rec, mask), "kl": masked_mean(kl, mask),
+             "elbo": -masked_mean(rec + kl, mask), "beta": beta,
+             "kl_term": kl_term / jnp.maximum(jnp.sum(mask), 1.0)}
+  return loss, metrics
 
 
 def importance_weighted_bound(log_w: Float[Array, "s ..."]) -> jax.Array:

@@ -87,25 +87,14 @@ class SequenceVAE(nnx.Module):
     if rngs is None:
       raise ValueError("SequenceVAE.loss(train=True) needs rngs for the latent sample")
     w = batch["weights"].astype(jnp.float32)
-    mask = latent.sequence_mask(w)
     mu, logvar = self.encode(batch["targets"], w)
     z = latent.reparameterize(rngs.latent(), mu, logvar)
     dropped = latent.word_dropout(rngs.dropout(), batch["inputs"].shape, self.word_dropout_rate)
     rec, correct = self._reconstruction(batch, z, dropped, rngs.dropout() if self.dropout > 0 else None)
-    kl_bd = latent.gaussian_kl(mu, logvar)
-    kl = jnp.sum(kl_bd, axis=1)
-    beta = latent.kl_weight(self.schedule, step, self.warmup)
-    n_seq = jnp.sum(mask)
-    kl_sums = jnp.sum(kl_bd * mask[:, None], axis=0)
-    stats = {"kl_d": kl_sums, "count": n_seq} if batch_stats is None else batch_stats
-    kl_term = latent.free_bits_kl_sum(kl_sums, n_seq, self.free_bits, stats)  # summed over sequences
-    total = jnp.maximum(jnp.sum(w), 1.0)
-    loss = (jnp.sum(rec * mask) + beta * kl_term) / total
-    nll = (jnp.sum(rec * mask) + jnp.sum(kl * mask)) / total
-    metrics = {"loss": loss, "nll": nll, "accuracy": jnp.sum(correct) / total, "weight": jnp.sum(w),
-               "rec": latent.masked_mean(rec, mask), "kl": latent.masked_mean(kl, mask),
-               "elbo": -latent.masked_mean(rec + kl, mask), "beta": beta, "kl_term": kl_term / jnp.maximum(n_seq, 1.0),
-               "latent.active_units": latent.active_units(mu, mask)}
+    loss, metrics = latent.elbo_training_loss(
+        w, rec, latent.gaussian_kl(mu, logvar), correct, beta=latent.kl_weight(self.schedule, step, self.warmup),
+        free_bits=self.free_bits, free_bits_unit="sequence", batch_stats=batch_stats)
+    metrics["latent.active_units"] = latent.active_units(mu, latent.sequence_mask(w))
     return loss, metrics
 
   def log_weights(self, batch: Batch, key: jax.Array, samples: int,

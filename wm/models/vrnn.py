@@ -137,23 +137,12 @@ class VRNN(nnx.Module):
       return self.evaluate(batch, rngs=rngs)
     if rngs is None:
       raise ValueError("VRNN.loss(train=True) needs rngs for the latent samples")
-    w = batch["weights"].astype(jnp.float32)
-    mask = latent.sequence_mask(w)
     s = self._sequence_terms(batch, rngs.latent())
-    total = jnp.maximum(jnp.sum(w), 1.0)
-    kl = jnp.sum(s["kl_d"], axis=1)
     # Free bits per dimension on the KL per scored token (the global batch mean over b and t).
-    kl_sums, tokens = jnp.sum(s["kl_d"], axis=0), jnp.sum(w)
-    stats = {"kl_d": kl_sums, "count": tokens} if batch_stats is None else batch_stats
-    kl_term = latent.free_bits_kl_sum(kl_sums, tokens, self.free_bits, stats)
-    beta = latent.kl_weight(self.schedule, step, self.warmup)
-    loss = (jnp.sum(s["rec"]) + beta * kl_term) / total
-    nll = jnp.sum(s["rec"] + kl) / total
-    metrics = {"loss": loss, "nll": nll, "accuracy": jnp.sum(s["correct"]) / total, "weight": jnp.sum(w),
-               "rec": latent.masked_mean(s["rec"], mask), "kl": latent.masked_mean(kl, mask),
-               "elbo": -latent.masked_mean(s["rec"] + kl, mask), "beta": beta,
-               "kl_term": kl_term / jnp.maximum(jnp.sum(mask), 1.0),
-               "latent.active_units": self._active_units(s["mu"], w)}
+    loss, metrics = latent.elbo_training_loss(
+        batch["weights"], s["rec"], s["kl_d"], s["correct"], beta=latent.kl_weight(self.schedule, step, self.warmup),
+        free_bits=self.free_bits, free_bits_unit="token", batch_stats=batch_stats)
+    metrics["latent.active_units"] = self._active_units(s["mu"], batch["weights"].astype(jnp.float32))
     return loss, metrics
 
   def _active_units(self, mu: Float[Array, "t b z"], w: Weights) -> jax.Array:
