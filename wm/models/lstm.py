@@ -75,8 +75,8 @@ State = list[tuple[Any, Any]]
 REMAT_TAGS = frozenset({"gates", "h", "c"})
 
 
-def lstm_cell(params: dict[str, jax.Array], carry: tuple[jax.Array, jax.Array],
-              x_proj: Float[Array, "b 4d"]) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+def lstm_cell(params: dict[str, jax.Array], carry: tuple[Float[Array, "b d"], Float[Array, "b d"]],
+              x_proj: Float[Array, "b 4*d"]) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
   """One LSTM step; scan-shaped: returns ((h', c'), h').
 
   Args:
@@ -102,8 +102,8 @@ def _gate_activations(gates: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array
 
 
 @jax.custom_vjp
-def lstm_sequence(w_h: jax.Array, carry: tuple[jax.Array, jax.Array],
-                  x_proj: Float[Array, "t b 4d"]) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+def lstm_sequence(w_h: jax.Array, carry: tuple[Float[Array, "b d"], Float[Array, "b d"]],
+                  x_proj: Float[Array, "t b 4*d"]) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
   """`lax.scan(lstm_cell, carry, x_proj)` over time, with a hand-written backward pass.
 
   Same values as the scan of `lstm_cell`; the VJP keeps the post-activation

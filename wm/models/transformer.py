@@ -59,8 +59,8 @@ def _tag(x: jax.Array, name: str) -> jax.Array:
 
 
 def attention(q: Float[Array, "b t h e"], k: Float[Array, "b s k e"], v: Float[Array, "b s k e"],
-              q_pos: Int[Array, "b t"], k_pos: Int[Array, "b s"], *, window: int = 0,
-              k_valid: jax.Array | None = None) -> Float[Array, "b t h e"]:
+              q_pos: Int[Array, "b t"] | Int[Array, "t"], k_pos: Int[Array, "b s"] | Int[Array, "s"], *,
+              window: int = 0, k_valid: jax.Array | None = None) -> Float[Array, "b t h e"]:
   """Causal (optionally windowed) grouped-query attention, softmax in float32.
 
   Query head n uses key/value head n // (h / k) (Ainslie et al. 2023). Query
