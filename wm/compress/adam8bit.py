@@ -61,6 +61,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from wm.compress import leaves
+
 MIN_SIZE = 4096  # parameters smaller than this keep float moments (bitsandbytes' min_8bit_size)
 
 
@@ -148,23 +150,6 @@ class ScaleByAdam8bitState(NamedTuple):
   nu_scale: Any
 
 
-def _value(leaf: Any) -> jax.Array:
-  return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
-
-
-def _like(leaf: Any, value: jax.Array, names: Any = ...) -> Any:
-  """`value` in place of a parameter leaf: an nnx.Variable keeps its metadata (optionally new axis names)."""
-  if not isinstance(leaf, nnx.Variable):
-    return value
-  if names is ...:
-    return leaf.replace(value)
-  return leaf.replace(value, out_sharding=names)
-
-
-def _is_leaf(x: Any) -> bool:
-  return isinstance(x, nnx.Variable)
-
-
 def _moment_bound(b1: float, b2: float) -> float:
   """C with m^2 <= C v for exact Adam moments (module docstring), or inf when b1^2 >= b2 (no bound)."""
   if b1 * b1 >= b2:
@@ -185,55 +170,55 @@ def scale_by_adam8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, 
 
   def init_fn(params):
     def mu(p):
-      x = _value(p)
-      return _like(p, jnp.zeros(x.shape, jnp.int8) if is_quantized(x.shape, min_size) else jnp.zeros_like(x))
+      x = leaves.value(p)
+      return leaves.like(p, jnp.zeros(x.shape, jnp.int8) if is_quantized(x.shape, min_size) else jnp.zeros_like(x))
 
     def scale(p):
-      x = _value(p)
+      x = leaves.value(p)
       if not is_quantized(x.shape, min_size):
-        return _like(p, jnp.zeros((), jnp.float32), names=())
+        return leaves.like(p, jnp.zeros((), jnp.float32), out_sharding=())
       names = p.get_metadata().get("out_sharding") if isinstance(p, nnx.Variable) else None
       # The last axis now counts blocks: it is not split over the mesh (it rarely divides).
       names = tuple(names[:-1]) + (None,) if names else names
-      return _like(p, jnp.zeros(block_shape(x.shape, block), jnp.float32), names=names)
+      return leaves.like(p, jnp.zeros(block_shape(x.shape, block), jnp.float32), out_sharding=names)
 
-    moments = jax.tree.map(mu, params, is_leaf=_is_leaf)
-    scales = jax.tree.map(scale, params, is_leaf=_is_leaf)
+    moments = jax.tree.map(mu, params, is_leaf=leaves.is_variable)
+    scales = jax.tree.map(scale, params, is_leaf=leaves.is_variable)
     return ScaleByAdam8bitState(jnp.zeros([], jnp.int32), moments, scales, moments, scales)
 
   def update_fn(updates, state, params=None):
     del params
     count = optax.safe_increment(state.count)
     t = count.astype(jnp.float32)
-    treedefs = [jax.tree.structure(tree, is_leaf=_is_leaf) for tree in (updates, state.mu, state.mu_scale)]
-    flat = [jax.tree.leaves(tree, is_leaf=_is_leaf) for tree in (updates, state.mu, state.mu_scale, state.nu,
+    treedefs = [jax.tree.structure(tree, is_leaf=leaves.is_variable) for tree in (updates, state.mu, state.mu_scale)]
+    flat = [jax.tree.leaves(tree, is_leaf=leaves.is_variable) for tree in (updates, state.mu, state.mu_scale, state.nu,
                                                                  state.nu_scale)]
     out_u, out_m, out_ms, out_v, out_vs = [], [], [], [], []
     for g, m, ms, v, vs in zip(*flat):
-      g32 = _value(g).astype(jnp.float32)
-      quantized = _value(m).dtype == jnp.int8
+      g32 = leaves.value(g).astype(jnp.float32)
+      quantized = leaves.value(m).dtype == jnp.int8
       if quantized:
-        m32 = dequantize_blockwise(_value(m), _value(ms), SIGNED, block)
-        v32 = dequantize_blockwise(_value(v), _value(vs), UNSIGNED, block)
+        m32 = dequantize_blockwise(leaves.value(m), leaves.value(ms), SIGNED, block)
+        v32 = dequantize_blockwise(leaves.value(v), leaves.value(vs), UNSIGNED, block)
       else:
-        m32, v32 = _value(m).astype(jnp.float32), _value(v).astype(jnp.float32)
+        m32, v32 = leaves.value(m).astype(jnp.float32), leaves.value(v).astype(jnp.float32)
       m32 = b1 * m32 + (1 - b1) * g32
       v32 = b2 * v32 + (1 - b2) * g32 * g32
       v_read = v32 if math.isinf(bound) else jnp.maximum(v32, m32 * m32 / bound)
       m_hat = m32 / (1 - b1 ** t)
       v_hat = v_read / (1 - b2 ** t)
-      out_u.append(_like(g, (m_hat / (jnp.sqrt(v_hat) + eps)).astype(_value(g).dtype)))
+      out_u.append(leaves.like(g, (m_hat / (jnp.sqrt(v_hat) + eps)).astype(leaves.value(g).dtype)))
       if quantized:
         codes, absmax = quantize_blockwise(m32, SIGNED, block)
-        out_m.append(_like(m, codes))
-        out_ms.append(_like(ms, absmax))
+        out_m.append(leaves.like(m, codes))
+        out_ms.append(leaves.like(ms, absmax))
         codes, absmax = quantize_blockwise(v32, UNSIGNED, block)
-        out_v.append(_like(v, codes))
-        out_vs.append(_like(vs, absmax))
+        out_v.append(leaves.like(v, codes))
+        out_vs.append(leaves.like(vs, absmax))
       else:
-        out_m.append(_like(m, m32.astype(_value(m).dtype)))
+        out_m.append(leaves.like(m, m32.astype(leaves.value(m).dtype)))
         out_ms.append(ms)
-        out_v.append(_like(v, v32.astype(_value(v).dtype)))
+        out_v.append(leaves.like(v, v32.astype(leaves.value(v).dtype)))
         out_vs.append(vs)
     updates = jax.tree.unflatten(treedefs[0], out_u)
     mu, nu = jax.tree.unflatten(treedefs[1], out_m), jax.tree.unflatten(treedefs[1], out_v)
