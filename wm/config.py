@@ -44,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = d = ml_collections.ConfigDict()
   d.task = "mqar"  # one of TASKS; "text" reads a text corpus
   d.seq_len = 64  # tokens per example fed to the model
-  d.vocab_size = 8192  # synthetic tasks; text is byte-level (256) and sets this itself
+  d.vocab_size = 8192  # synthetic tasks; text sets this itself from data.tokenizer (256 for bytes, N for spm:N)
   d.batch_size = 32  # global batch, summed over all devices and processes
   d.train_size = 100_000  # synthetic examples in the train split
   d.eval_size = 1_000  # synthetic examples in the validation split
@@ -62,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
   # set by a hash of each path (5% validation). Or per split: "train=a/*.txt;validation=b.txt;test=c.txt".
   d.text_files = ""
   d.text_feature = "text"  # feature holding the text in a TFDS dataset
+  # "bytes" (vocabulary 256), or "spm:N": a SentencePiece BPE model of N pieces trained on the train split by
+  # `python -m wm prepare` (wm/data/subword.py), for fewer tokens per byte of text.
+  d.tokenizer = "bytes"
   d.data_dir = ""  # where TFDS datasets are prepared; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
   d.worker_count = 0  # grain worker processes (0 = in-process; >0 needs a __main__ guard)
 
@@ -298,15 +301,20 @@ def _need(cond: bool, field: str, message: str) -> None:
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every field; returns the config with derived fields filled in.
 
-  Derived: `data.vocab_size` is 256 for byte-level text.
+  Derived: `data.vocab_size` for text is the tokenizer's: 256 for bytes, N for spm:N.
   """
   check_schema(config)
   config = ml_collections.ConfigDict(config.to_dict())
   d, m, o, t, r = config.data, config.model, config.optim, config.train, config.remat
   _need(0 <= config.seed < 2**31, "seed", f"must be in [0, 2**31), got {config.seed}")
   _need(d.task in TASKS, "data.task", f"{d.task!r} is not one of {TASKS}")
+  from wm.data import subword  # light: numpy and this module
+  tokenizer = subword.parse(d.tokenizer)
+  _need(d.task == "text" or tokenizer is None, "data.tokenizer",
+        f"{d.tokenizer!r} tokenizes text, but data.task={d.task!r} is a synthetic task with its own tokens; "
+        f"set data.tokenizer='bytes' (or data.task='text')")
   if d.task == "text":
-    config.data.vocab_size = 256  # byte-level tokenizer
+    config.data.vocab_size = tokenizer.vocab_size if tokenizer else 256
   _need(d.seq_len >= 2, "data.seq_len", f"must be >= 2, got {d.seq_len}")
   _need(d.vocab_size >= 4, "data.vocab_size", f"must be >= 4, got {d.vocab_size}")
   _need(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
