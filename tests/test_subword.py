@@ -57,7 +57,7 @@ def test_config_errors_name_the_field_and_the_fix():
 
 
 def test_a_vocabulary_too_small_for_the_corpus_says_how_large(prepared):
-  with pytest.raises(config_lib.ConfigError, match=r"data.tokenizer: stdlib's train split needs at least \d+ pieces"):
+  with pytest.raises(config_lib.ConfigError, match=r"data.tokenizer: the train split of stdlib needs at least \d+ pieces"):
     subword.train(documents(prepared, "validation"), subword.Spec(subword.MIN_VOCAB), "stdlib")
 
 
