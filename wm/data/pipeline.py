@@ -310,6 +310,7 @@ def _documents(config: ml_collections.ConfigDict, split: str, source: Any = None
 
 
 def _token_sequences(config: ml_collections.ConfigDict, split: str) -> subword.TokenSequences:
+  """The examples of a subword-tokenized split, from the streams `prepare` wrote beside the dataset."""
   folder = tokens_folder(config)
   if not os.path.exists(os.path.join(folder, "info.json")):
     raise _not_prepared(config, os.path.join(folder, "info.json"))
