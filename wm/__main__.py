@@ -2,7 +2,8 @@
 
 Verbs:
   train     train and evaluate; records and checkpoints in --workdir (resumes if it can)
-  prepare   prepare the config's dataset (synthetic tasks, local text) as TFDS array_record
+  prepare   prepare the config's dataset (synthetic tasks, local text) as TFDS array_record;
+            with --tokenizer spm:N, also train a subword model on its train split and tokenize it
   memory    per-device bytes: analytic estimate beside the compiler's figure; with --budget, a plan
   compile   ahead-of-time compile of the train step for a TPU topology, from a CPU host
   generate  sample from a trained model in --workdir
@@ -36,6 +37,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
   parser.add_argument("--num_samples", type=int, default=4, help="generate: sequences to sample")
   parser.add_argument("--length", type=int, default=128, help="generate: tokens per sample")
   parser.add_argument("--prompt", default="", help="generate: text to continue (byte-level models)")
+  parser.add_argument("--tokenizer", help="text: 'bytes' or 'spm:N', the same as --config.data.tokenizer")
   args, rest = parser.parse_known_args(argv)
   overrides: dict[str, str] = {}
   i = 0
@@ -77,6 +79,8 @@ def _check_args(args: argparse.Namespace) -> str | None:
     return f"--devices {args.devices}: needs a positive number of devices"
   if args.budget is not None and args.verb not in ("train", "memory"):
     return f"--budget applies to train and memory, not {args.verb}"
+  if args.tokenizer is not None and args.verb not in ("prepare", "train"):
+    return f"--tokenizer applies to prepare and train, not {args.verb} (set --config.data.tokenizer)"
   if (args.target or args.explain or args.grow) and args.verb != "memory":
     return f"--target, --explain and --grow apply to memory, not {args.verb}"
   if args.grow and not args.budget:
@@ -108,6 +112,8 @@ def main(argv: list[str]) -> int:
   config = config_lib.override(config, overrides)
   if args.budget:
     config = config_lib.override(config, {"train.budget": args.budget})
+  if args.tokenizer:
+    config = config_lib.override(config, {"data.tokenizer": args.tokenizer})
   config = config_lib.validate(config)
 
   if args.verb == "train":
@@ -118,6 +124,14 @@ def main(argv: list[str]) -> int:
     from wm.data import pipeline
     pipeline.prepare(config, allow_build=True)
     print(f"prepared {config.data.task} in {pipeline.data_dir(config)}")
+    if config.data.task == "text" and config.data.tokenizer != "bytes":
+      from wm.data import subword
+      folder = pipeline.tokens_folder(config)
+      info = subword.read_info(folder, subword.parse(config.data.tokenizer))
+      print(f"{config.data.tokenizer} model and token streams in {folder}")
+      for split, n in info["splits"].items():
+        print(f"  {split}: {n['tokens']:,} tokens for {n['bytes']:,} bytes, "
+              f"{n['tokens'] / n['bytes']:.4f} tokens/byte")
   elif args.verb == "memory":
     if args.grow:
       from wm.memory import grow

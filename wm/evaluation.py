@@ -23,9 +23,22 @@ from wm.data import pipeline
 
 
 def add_bits_per_byte(config: ml_collections.ConfigDict, metrics: dict[str, Any]) -> dict[str, Any]:
-  """`metrics` with `bits_per_byte` added for byte-level text (nll is in nats per token); returns `metrics`."""
+  """`metrics` with bits per byte of the text added (nll is in nats per token), and tokens per byte to evaluations.
+
+  An evaluation of subword text has `bytes`, the bytes its scored tokens
+  cover: bits per byte = nll * tokens / (ln 2 * bytes), exactly. Otherwise
+  (byte-level text, and training lines) bytes per token is the split's mean.
+  Returns `metrics`.
+  """
   if config.data.task == "text" and "nll" in metrics:
-    metrics["bits_per_byte"] = metrics["nll"] / math.log(2) / pipeline.bytes_per_token(config)
+    if "bytes" in metrics:
+      metrics["eval_bytes"] = int(metrics.pop("bytes"))
+      metrics["bits_per_byte"] = metrics["nll"] * metrics["weight"] / math.log(2) / metrics["eval_bytes"]
+      metrics["tokens_per_byte"] = metrics["weight"] / metrics["eval_bytes"]
+    else:
+      metrics["bits_per_byte"] = metrics["nll"] / math.log(2) / pipeline.bytes_per_token(config)
+      if "eval_tokens" in metrics:
+        metrics["tokens_per_byte"] = 1 / pipeline.bytes_per_token(config)
   return metrics
 
 
@@ -71,7 +84,9 @@ def evaluate(config, setup, state, eval_step) -> dict[str, Any]:
 
   Returns:
     The model's metrics (nats per token), plus `eval_tokens` (the summed target
-    weights scored) and `eval_examples` (examples with at least one scored token).
+    weights scored) and `eval_examples` (examples with at least one scored token);
+    for text, `bits_per_byte` and `tokens_per_byte` (and for subword text
+    `eval_bytes`, the bytes the scored tokens cover).
   """
   key = jax.random.PRNGKey(config.seed + 2)  # the same latent samples at every evaluation
   sums = None

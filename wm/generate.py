@@ -75,17 +75,23 @@ def main(config: ml_collections.ConfigDict, workdir: str | None, *, num_samples:
   model = restore_model(config, workdir)
   key = jax.random.PRNGKey(config.seed)
   byte_level = config.data.task == "text"
+  tokenizer = None
+  if byte_level and config.data.tokenizer != "bytes":  # subword text: the model prepared beside the dataset
+    from wm.data import pipeline, subword
+    tokenizer = subword.load_tokenizer(pipeline.tokens_folder(config))
   if hasattr(model, "sample") and not hasattr(model, "decode_step"):
     tokens = np.asarray(model.sample(nnx.Rngs(config.seed), num_samples, length))
   else:
     if byte_level:
-      start = np.frombuffer((prompt or "\n").encode(), np.uint8).astype(np.int32)
+      start = (tokenizer.encode(prompt or "\n") if tokenizer else
+               np.frombuffer((prompt or "\n").encode(), np.uint8).astype(np.int32))
     else:
       start = np.array([int(t) for t in prompt.split()] or [1], np.int32)
     tokens = sample_tokens(model, np.tile(start, (num_samples, 1)), length, key)
   for row in tokens:
     if byte_level:
-      print(bytes(int(t) % 256 for t in row).decode("utf-8", errors="replace"))
+      raw = tokenizer.decode(row) if tokenizer else bytes(int(t) % 256 for t in row)
+      print(raw.decode("utf-8", errors="replace"))
       print("-" * 40)
     else:
       print(" ".join(str(int(t)) for t in row))

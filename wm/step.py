@@ -39,7 +39,7 @@ from wm.compress import prune, quant
 State = dict[str, Any]
 
 # Metrics that are counts summed over batches, not weighted means.
-TOTALS = ("weight", "examples")
+TOTALS = ("weight", "examples", "bytes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,6 +331,11 @@ def make_eval_step(setup: Setup) -> Callable[[State, dict, jax.Array], dict]:
   int8 = setup.config.quant.weights == "int8"
 
   def eval_fn(params, rest, batch, key):
+    # Subword text carries the bytes each target covers: their total over the
+    # scored targets makes bits per byte exact (wm/data/subword.py). Summed as
+    # integers, exact however many batches an evaluation adds up.
+    target_bytes = batch.get("target_bytes")
+    batch = {k: v for k, v in batch.items() if k != "target_bytes"}
     model = nnx.merge(graphdef, params, rest)
     _, metrics = model.loss(batch, train=False, rngs=nnx.Rngs(key))
     sums = _weighted_sum(metrics)
@@ -340,6 +345,8 @@ def make_eval_step(setup: Setup) -> Callable[[State, dict, jax.Array], dict]:
       sums.update({f"int8_{k}": v for k, v in _weighted_sum(q_metrics).items() if k != "weight"})
     # Examples with at least one scored token; weight-0 padding rows do not count.
     sums["examples"] = jnp.sum((jnp.sum(batch["weights"], axis=-1) > 0).astype(jnp.float32))
+    if target_bytes is not None:
+      sums["bytes"] = jnp.sum(jnp.where(batch["weights"] > 0, target_bytes, 0))
     return sums
 
   jitted = jax.jit(eval_fn, in_shardings=(setup.state_shardings["params"], setup.state_shardings["rest"],

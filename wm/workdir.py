@@ -174,6 +174,8 @@ def signature(config: ml_collections.ConfigDict, abstract_state: Any, process_co
   leaves = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
   state = {jax.tree_util.keystr(path): [list(leaf.shape), str(leaf.dtype)] for path, leaf in leaves}
   data = {k: v for k, v in config.data.to_dict().items() if k not in _DATA_FIELDS_OUTSIDE_STREAM}
+  if data.get("tokenizer") == "bytes":
+    del data["tokenizer"]  # the stream before the field existed: checkpoints saved then still resume
   data["seed"] = config.seed
   data["process_count"] = process_count
   return {"state": state, "data": json.loads(json.dumps(data, default=str))}

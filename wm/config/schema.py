@@ -35,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = d = ml_collections.ConfigDict()
   d.task = "mqar"  # one of TASKS; "text" reads a text corpus
   d.seq_len = 64  # tokens per example fed to the model
-  d.vocab_size = 8192  # synthetic tasks; text is byte-level (256) and sets this itself
+  d.vocab_size = 8192  # synthetic tasks; text sets this itself from data.tokenizer (256 for bytes, N for spm:N)
   d.batch_size = 32  # global batch, summed over all devices and processes
   d.train_size = 100_000  # synthetic examples in the train split
   d.eval_size = 1_000  # synthetic examples in the validation split
@@ -53,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
   # set by a hash of each path (5% validation). Or per split: "train=a/*.txt;validation=b.txt;test=c.txt".
   d.text_files = ""
   d.text_feature = "text"  # feature holding the text in a TFDS dataset
+  # "bytes" (vocabulary 256), or "spm:N": a SentencePiece BPE model of N pieces trained on the train split by
+  # `python -m wm prepare` (wm/data/subword.py), for fewer tokens per byte of text.
+  d.tokenizer = "bytes"
   d.data_dir = ""  # where TFDS datasets are prepared; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
   d.worker_count = 0  # grain worker processes (0 = in-process; >0 needs a __main__ guard)
 

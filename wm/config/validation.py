@@ -52,15 +52,20 @@ def _need(cond: bool, field: str, message: str) -> None:
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every field; returns the config with derived fields filled in.
 
-  Derived: `data.vocab_size` is 256 for byte-level text.
+  Derived: `data.vocab_size` for text is the tokenizer's: 256 for bytes, N for spm:N.
   """
   check_schema(config)
   config = ml_collections.ConfigDict(config.to_dict())
   d, m, o, t, r = config.data, config.model, config.optim, config.train, config.remat
   _need(0 <= config.seed < 2**31, "seed", f"must be in [0, 2**31), got {config.seed}")
   _need(d.task in TASKS, "data.task", f"{d.task!r} is not one of {TASKS}")
+  from wm.data import subword  # light: numpy and this module
+  tokenizer = subword.parse(d.tokenizer)
+  _need(d.task == "text" or tokenizer is None, "data.tokenizer",
+        f"{d.tokenizer!r} tokenizes text, but data.task={d.task!r} is a synthetic task with its own tokens; "
+        f"set data.tokenizer='bytes' (or data.task='text')")
   if d.task == "text":
-    config.data.vocab_size = 256  # byte-level tokenizer
+    config.data.vocab_size = tokenizer.vocab_size if tokenizer else 256
   _need(d.seq_len >= 2, "data.seq_len", f"must be >= 2, got {d.seq_len}")
   _need(d.vocab_size >= 4, "data.vocab_size", f"must be >= 4, got {d.vocab_size}")
   _need(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")

@@ -18,7 +18,10 @@ Datasets by `config.data`:
   `data_dir` where someone prepared it, never downloaded (offline, a TFDS
   download hangs for minutes before failing).
 
-Text is packed into byte sequences (`wm.data.text.PackedSequences`).
+Text is packed into byte sequences (`wm.data.text.PackedSequences`), or with
+`data.tokenizer = "spm:N"` into subword token sequences
+(`wm.data.subword.TokenSequences`): `prepare` trains the SentencePiece model on
+the train split and writes every split's token stream beside the dataset.
 
 Every missing dataset raises `DatasetNotPrepared` with the command that fixes
 it, after looking at the file system only: nothing reaches TFDS until the
@@ -41,9 +44,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from wm.config import ConfigError
-from wm.data import builders, corpus, records, text
+from wm.data import builders, corpus, records, subword, text
 
 _INFO = "dataset_info.json"
+# What a model reads of a batch; examples may carry more (subword text: target_bytes, for evaluation).
+BATCH_KEYS = ("inputs", "targets", "weights")
 
 
 class DatasetNotPrepared(FileNotFoundError):
@@ -114,9 +119,9 @@ def dataset_path(config: ml_collections.ConfigDict) -> str:
   return _registered_path(config.data.text_source, root)
 
 
-def _not_prepared(config: ml_collections.ConfigDict, path: str) -> DatasetNotPrepared:
+def _not_prepared(config: ml_collections.ConfigDict, missing: str) -> DatasetNotPrepared:
   return DatasetNotPrepared(
-      f"{_describe(config.data)} is not prepared in data_dir {data_dir(config)} (no {os.path.join(path, _INFO)}). "
+      f"{_describe(config.data)} is not prepared in data_dir {data_dir(config)} (no {missing}). "
       f"Prepare it with `python -m wm prepare --config <your config> [the same --config.* overrides]`, "
       f"or call wm.data.pipeline.prepare(config); it is built locally, with no download.")
 
@@ -158,18 +163,22 @@ def prepare(config: ml_collections.ConfigDict, allow_build: bool = True) -> None
       empty or shorter than one example.
   """
   path = dataset_path(config)  # raises for a missing registered dataset
-  if not _is_local(config.data):
+  local = _is_local(config.data)
+  if not local:
     _check_readable(path)
+  elif config.data.task == "text":
+    _check_text_fits(config)  # bytes bound tokens from above: a split too short in bytes is too short in tokens
+  tokenizer = subword.parse(config.data.tokenizer)
+  if not local and tokenizer is None:
     return
-  if config.data.task == "text":
-    _check_text_fits(config)
 
   def build_if_missing():
-    if os.path.exists(os.path.join(path, _INFO)):
-      return
-    if not allow_build:
-      raise _not_prepared(config, path)
-    builders.build(config.data, data_dir(config))
+    if local and not os.path.exists(os.path.join(path, _INFO)):
+      if not allow_build:
+        raise _not_prepared(config, os.path.join(path, _INFO))
+      builders.build(config.data, data_dir(config))
+    if tokenizer is not None:
+      _tokenize(config, tokenizer, allow_build)
 
   if jax.process_count() == 1:
     build_if_missing()
@@ -183,11 +192,31 @@ def prepare(config: ml_collections.ConfigDict, allow_build: bool = True) -> None
   multihost_utils.sync_global_devices("wm.data.prepare: all built")
 
 
+def tokens_folder(config: ml_collections.ConfigDict) -> str:
+  """Where the subword model and token streams of `data.tokenizer = "spm:N"` live: beside the dataset."""
+  return os.path.join(dataset_path(config), subword.parse(config.data.tokenizer).dirname())
+
+
+def _tokenize(config: ml_collections.ConfigDict, tokenizer: subword.Spec, allow_build: bool) -> dict[str, Any]:
+  """Trains the subword model on the train split and tokenizes every split, unless already done."""
+  folder = tokens_folder(config)
+  if not os.path.exists(os.path.join(folder, "info.json")) and not allow_build:
+    raise _not_prepared(config, os.path.join(folder, "info.json"))
+  with open(os.path.join(dataset_path(config), _INFO)) as f:
+    names = [s["name"] for s in json.load(f).get("splits", [])]
+  splits = {name: functools.partial(_documents, config, name) for name in sorted(names, key=_split_order)}
+  return subword.prepare(folder, tokenizer, splits, _describe(config.data))
+
+
+def _split_order(name: str) -> tuple[int, str]:
+  return (corpus.SPLITS.index(name) if name in corpus.SPLITS else len(corpus.SPLITS), name)
+
+
 def _source(config: ml_collections.ConfigDict, split: str):
   """The split's records as a random-access source (TFDS array_record)."""
   path = dataset_path(config)
   if not os.path.exists(os.path.join(path, _INFO)):
-    raise _not_prepared(config, path)
+    raise _not_prepared(config, os.path.join(path, _INFO))
   _check_readable(path)
   builder = tfds.builder_from_directory(path, file_format="array_record")
   if split not in builder.info.splits:
@@ -257,18 +286,46 @@ def examples(config: ml_collections.ConfigDict, split: str) -> Any:
     wm.data.corpus.CorpusError: a text split is shorter than one example.
   """
   data = config.data
+  if data.task == "text" and data.tokenizer != "bytes":
+    return _token_sequences(config, split)
   source, path = _source(config, split)
   if data.task != "text":
     return _fast_records(source) or source
-  feature = "text" if _is_local(data) else data.text_feature
-  features = list(source.dataset_info.features.keys())
-  if feature not in features:
-    raise ValueError(f"data.text_feature={feature!r} is not a feature of {data.text_source}; it has {features}")
-  documents = _Feature(source, feature)
+  documents = _documents(config, split, source)
   packed = text.PackedSequences(documents, data.seq_len, _lengths(documents, path, split))
   if not len(packed):
     corpus.check_fits(split, int(packed.starts[-1]), data.seq_len, _describe(data))
   return packed
+
+
+def _documents(config: ml_collections.ConfigDict, split: str, source: Any = None) -> _Feature:
+  """The text of every document of a split, random access."""
+  data = config.data
+  source = _source(config, split)[0] if source is None else source
+  feature = "text" if _is_local(data) else data.text_feature
+  features = list(source.dataset_info.features.keys())
+  if feature not in features:
+    raise ValueError(f"data.text_feature={feature!r} is not a feature of {data.text_source}; it has {features}")
+  return _Feature(source, feature)
+
+
+def _token_sequences(config: ml_collections.ConfigDict, split: str) -> subword.TokenSequences:
+  """The examples of a subword-tokenized split, from the streams `prepare` wrote beside the dataset."""
+  folder = tokens_folder(config)
+  if not os.path.exists(os.path.join(folder, "info.json")):
+    raise _not_prepared(config, os.path.join(folder, "info.json"))
+  info = subword.read_info(folder, subword.parse(config.data.tokenizer))
+  if split not in info["splits"]:
+    raise ValueError(f"{folder} has no split {split!r}; it has {sorted(info['splits'])}")
+  sequences = subword.TokenSequences(os.path.join(folder, f"{split}.tokens.npy"), config.data.seq_len,
+                                     subword.load_tokenizer(folder).token_bytes)
+  if not len(sequences):
+    tokens = info["splits"][split]["tokens"]
+    raise corpus.CorpusError(
+        f"{_describe(config.data)}: the {split} split is {tokens:,} tokens of {config.data.tokenizer} (its documents "
+        f"and a separator after each), shorter than one example: data.seq_len={config.data.seq_len} needs "
+        f"{config.data.seq_len + 1:,}. Lower data.seq_len or give the {split} split more text.")
+  return sequences
 
 
 class _ReadBatch:
@@ -282,8 +339,8 @@ class _ReadBatch:
   the loader, not the model, the cost of a small train step.
   """
 
-  def __init__(self, source: Any):
-    self.source = source
+  def __init__(self, source: Any, keys: tuple[str, ...] | None = None):
+    self.source, self.keys = source, keys
 
   @functools.cached_property
   def pad(self) -> dict[str, np.ndarray]:
@@ -301,13 +358,14 @@ class _ReadBatch:
     wanted = np.asarray(indices)
     real = wanted < len(self.source)
     if real.all():
-      return self._read(wanted.tolist())
-    out = {k: np.zeros((len(wanted), *v.shape), v.dtype) for k, v in self.pad.items()}
-    if real.any():
-      got = self._read(wanted[real].tolist())
-      for k in out:
-        out[k][real] = got[k]
-    return out
+      out = self._read(wanted.tolist())
+    else:
+      out = {k: np.zeros((len(wanted), *v.shape), v.dtype) for k, v in self.pad.items()}
+      if real.any():
+        got = self._read(wanted[real].tolist())
+        for k in out:
+          out[k][real] = got[k]
+    return out if self.keys is None else {k: out[k] for k in self.keys}
 
 
 def read_rows(source: Any, indices: Any) -> dict[str, np.ndarray]:
@@ -378,7 +436,7 @@ def make_iterator(config: ml_collections.ConfigDict, split: str, *, shuffle: boo
   # the processes' local batches s together are exactly global batch s of a
   # one-process run, whatever the number of processes.
   ds = ds[index::count]
-  ds = ds.batch(batch, drop_remainder=True).map(_ReadBatch(source))
+  ds = ds.batch(batch, drop_remainder=True).map(_ReadBatch(source, BATCH_KEYS))
   # Elements here are whole batches: a small prefetch buffer bounds host memory
   # for large batches; a few threads overlap reading with the train step.
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=8))
@@ -404,5 +462,16 @@ def restore_iterator_state(iterator: grain.DatasetIterator, state: dict[str, Any
 
 
 def bytes_per_token(config: ml_collections.ConfigDict) -> float | None:
-  """UTF-8 bytes per token, to turn nats per token into bits per byte; None for synthetic tasks."""
-  return 1.0 if config.data.task == "text" else None
+  """UTF-8 bytes per token, to turn nats per token into bits per byte; None for synthetic tasks.
+
+  1 for byte-level text. For subword text, the train split's bytes over its
+  tokens (a prepared split's mean): exact for the split as a whole, an
+  estimate for any part of it. Evaluation counts the bytes of the tokens it
+  scores instead (`target_bytes`), which is exact.
+  """
+  if config.data.task != "text":
+    return None
+  if config.data.tokenizer == "bytes":
+    return 1.0
+  train = subword.read_info(tokens_folder(config), subword.parse(config.data.tokenizer))["splits"]["train"]
+  return train["bytes"] / train["tokens"]
