@@ -10,6 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from wm import config as config_lib
+from wm import evaluation
 from wm import step as step_lib
 from wm import train
 from wm.data import pipeline, subword
@@ -132,10 +133,10 @@ def test_examples_carry_the_bytes_of_their_targets(prepared):
 def test_bits_per_byte_is_nats_over_the_bytes_the_scored_tokens_cover(prepared):
   setup = step_lib.make_setup(prepared)
   state, eval_step = step_lib.init_state(setup), step_lib.make_eval_step(setup)
-  metrics = train.evaluate(prepared, setup, state, eval_step)
+  metrics = evaluation.evaluate(prepared, setup, state, eval_step)
   model = step_lib.model_from_state(setup, state)
   nats = nbytes = tokens = 0.0
-  for batch in train._eval_batches(prepared):
+  for batch in evaluation.eval_batches(prepared):
     logits = np.asarray(model(batch["inputs"]), np.float64)
     logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     xent = logz - np.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
