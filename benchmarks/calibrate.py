@@ -24,6 +24,7 @@ head ratios and meshes that never occur here (`assert_disjoint`).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -189,6 +190,7 @@ def compile_record(overrides: dict, target: str) -> dict:
           "jax": jax.__version__, "wm_commit": _commit()}
 
 
+@functools.lru_cache(maxsize=None)  # once, when the first config compiles: the code this process imported
 def _commit() -> str:
   """The checkout's commit, '+' if the compiled code differs from it (wm/memory only reads the compiler's figures)."""
   import subprocess
