@@ -40,6 +40,10 @@ accumulator. The LSTM language model in time chunks saves only the carries
 between chunks, and holds one chunk's activations at a time and a gradient
 accumulator over the chunks (`_lstm_time_chunks`).
 
+Sharding adds buffers of its own (`_sharding_buffers`): FSDP's all-gathered
+weights (ZeRO-3) and the data axis's all-reduced gradients. On TPU every
+array is tiled in HBM, so small and odd dimensions are padded (`tpu_bytes`).
+
 Transient: the largest working set on top of those: the loss head (logits
 and their gradient), or the backward pass of one layer (which, under remat,
 first recomputes that layer's forward). Unlike the saved counts these are
@@ -56,6 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 from typing import Any
@@ -65,7 +70,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from wm import models, parallel
+from wm import models, optim, parallel, step as step_lib
 from wm.compress import adam8bit, prune, quant
 from wm.memory import calibration
 from wm.models import remat as remat_lib
@@ -127,7 +132,7 @@ def _shape_key(config: ml_collections.ConfigDict) -> str:
                      config.precision.compute_dtype], sort_keys=True, default=str)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=1024)  # the fit cycles over every record's model
 def _param_leaves_cached(key: str) -> tuple[tuple[tuple[int, ...], int, tuple, bool], ...]:
   model_cfg, vocab, param_dtype, compute_dtype = json.loads(key)
   from wm import config as config_lib
@@ -157,7 +162,7 @@ def param_leaves(config: ml_collections.ConfigDict) -> tuple[tuple[tuple[int, ..
   return _param_leaves_cached(_shape_key(config))
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=1024)  # the fit cycles over every record's model
 def _trainable_cached(key: str) -> tuple[bool, ...]:
   model_cfg, vocab, param_dtype, compute_dtype = json.loads(key)
   from wm import config as config_lib
@@ -262,6 +267,79 @@ def _prune_mask_bytes(config: ml_collections.ConfigDict, rules: dict, sizes: dic
   return stored, fresh
 
 
+def tpu_bytes(shape: tuple[int, ...], itemsize: int) -> int:
+  """Bytes of an array in TPU HBM: tiled, so small or odd dimensions are padded.
+
+  The TPU keeps arrays in (8 * 4 / itemsize, 128) tiles over their two minor
+  dimensions (8 x 128 for 32-bit, 16 x 128 for 16-bit: the vector
+  registers' sublanes x lanes; "TPU memory layout" in the Pallas TPU docs),
+  rank-1 arrays in 512-byte units, nothing in less than 512 bytes. The
+  compiler chooses each array's layout, i.e. which dimensions are minor; we
+  take the choice that pads least, which is close to what it picks for the
+  train state (the estimated arguments of 35 of the 48 held-out v5e steps
+  within 2% of the compiler's, at most +34%: benchmarks/estimate_accuracy.py).
+  """
+  if len(shape) == 0:
+    return 512
+  if len(shape) == 1:
+    return max(512, math.ceil(shape[0] * itemsize / 512) * 512)
+  sublanes = 8 * 4 // itemsize
+  best = math.inf
+  for i, j in itertools.permutations(range(len(shape)), 2):  # i second-minor, j minor
+    rows = math.ceil(shape[i] / sublanes) * sublanes if shape[i] > 1 else 1
+    rest = math.prod(n for k, n in enumerate(shape) if k not in (i, j))
+    best = min(best, rest * rows * math.ceil(shape[j] / 128) * 128 * itemsize)
+  return max(512, int(best))
+
+
+@functools.lru_cache(maxsize=1024)  # the fit cycles over every record's model
+def _state_leaves_cached(key: str, optim_json: str) -> tuple[tuple[tuple[int, ...], int, tuple], ...]:
+  """(shape, itemsize, logical names) of every optimizer-state leaf (names () where replicated)."""
+  model_cfg, vocab, param_dtype, compute_dtype = json.loads(key)
+  from wm import config as config_lib
+  config = config_lib.base_config()
+  config.model.update(model_cfg)
+  config.data.vocab_size = vocab
+  config.precision.param_dtype, config.precision.compute_dtype = param_dtype, compute_dtype
+  config.optim.update(json.loads(optim_json))
+  # The optimizer holds state for what it updates only: with LoRA the adapters (wm.step.trainable).
+  params = nnx.state(nnx.eval_shape(lambda: models.build(config, nnx.Rngs(0))), step_lib.trainable(config))
+  state = jax.eval_shape(optim.make_optimizer(config.optim, config.train.steps).init, params)
+  leaves = []
+  for leaf in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    value = (leaf.get_value() if hasattr(leaf, "get_value") else leaf.value) if isinstance(leaf, nnx.Variable) else leaf
+    names = tuple(leaf.get_metadata().get("out_sharding") or ()) if isinstance(leaf, nnx.Variable) else ()
+    if len(names) != len(value.shape):  # factored statistics and scalars stay replicated (wm.step)
+      names = (None,) * len(value.shape)
+    leaves.append((tuple(value.shape), jnp.dtype(value.dtype).itemsize, names))
+  return tuple(leaves)
+
+
+def _local_shape(shape: tuple[int, ...], names: tuple, rules: dict, sizes: dict[str, int]) -> tuple[int, ...]:
+  """This device's slice of a tensor with these logical names (undivisible dimensions stay whole, as `shards`)."""
+  out, used = list(shape), set()
+  for i, name in enumerate(names):
+    axes = [a for a in _axes(rules.get(name)) if a not in used]
+    n = math.prod(sizes.get(a, 1) for a in axes)
+    if out[i] % n == 0:
+      out[i] //= n
+      used.update(axes)
+  return tuple(out)
+
+
+def _tpu_model_states(config: ml_collections.ConfigDict, rules: dict,
+                      sizes: dict[str, int]) -> tuple[float, float, float]:
+  """(parameter, trained-parameter, optimizer-state bytes) per device in TPU HBM, each local shard tiled (`tpu_bytes`)."""
+  params = trained = 0.0
+  for (shape, itemsize, names, _), updated in zip(param_leaves(config), trainable_leaves(config)):
+    tiled = tpu_bytes(_local_shape(shape, names, rules, sizes), itemsize)
+    params += tiled
+    trained += tiled if updated else 0
+  leaves = _state_leaves_cached(_shape_key(config), json.dumps(config.optim.to_dict(), sort_keys=True))
+  state = sum(tpu_bytes(_local_shape(shape, names, rules, sizes), itemsize) for shape, itemsize, names in leaves)
+  return params, trained, float(state)
+
+
 def _optimizer_values(config: ml_collections.ConfigDict, shape: tuple[int, ...]) -> tuple[float, float]:
   """(values sharded like the parameter, values replicated) of optimizer state per parameter.
 
@@ -337,7 +415,7 @@ class _Dims:
 
 
 def _dims(config: ml_collections.ConfigDict, sizes: dict[str, int], microbatches: int,
-          levers: Levers | None = None) -> _Dims:
+          levers: Levers | None = None, backend: str | None = None) -> _Dims:
   rules = dict(parallel.rules(config))
   batch_ways = math.prod(sizes.get(a, 1) for a in _axes(rules.get("batch")))
   b = max(config.data.batch_size // (microbatches * batch_ways), 1)
@@ -345,6 +423,12 @@ def _dims(config: ml_collections.ConfigDict, sizes: dict[str, int], microbatches
   vocab = math.ceil(config.data.vocab_size / vocab_ways)
   tensor = math.prod(sizes.get(a, 1) for a in _axes(rules.get("mlp")))
   c = jnp.dtype(config.precision.compute_dtype).itemsize
+  if backend == "cpu":
+    # XLA CPU has no 16-bit arithmetic: its float normalization runs bfloat16 operations in f32, and most
+    # tensors a backward pass reads (the layer scan's stacked residuals) are converted to f32 once, before it
+    # starts (read off the compiled steps' buffers; some, like the attention probabilities, stay bf16). What
+    # the backward pass holds is mostly f32-sized; calibration.Table.saved_scale carries the rest.
+    c = _F32
   attention = (levers and levers.attention) or config.model.get("attention", "xla")
   block = (levers and levers.attention_block) or config.model.get("attention_block", 512)
   return _Dims(b, config.data.seq_len, config.model.d, vocab, tensor, c, attention, block)
@@ -375,10 +459,12 @@ def _transformer_layer(config: ml_collections.ConfigDict, dims: _Dims, policy: s
                x in f32, x * rsqrt(mean x^2) and the scaled output: 3 d f32,
                plus two [b, t, 1] statistics; two norms: 6 d + 4.
     attention  q, k, v after rotary: d + 2 k e; the context: d;
-               scores: 2 h S f32 (Korthikanti's 5as/h term: their softmax
-               output and dropout mask and output; we have no dropout, and
-               XLA keeps the masked scores and the softmax output), plus
-               2 h f32 softmax statistics.
+               scores: h S (4 + c) bytes (Korthikanti's 5as/h term: their
+               softmax output and dropout mask and output; we have no
+               dropout: XLA keeps the f32 softmax output and the
+               probabilities the context einsum reads, in the compute dtype,
+               a second f32 buffer in f32; read off the compiled steps'
+               buffers), plus 2 h f32 softmax statistics.
     MLP        the up projection and GELU's tanh-approximation intermediates:
                6 f (Korthikanti keep 2: input and GELU output; the tanh form
                keeps its polynomial, tanh, and products as separate tensors).
@@ -410,7 +496,10 @@ def _transformer_layer(config: ml_collections.ConfigDict, dims: _Dims, policy: s
   qkv = (h * e + 2 * kv * e)  # q, k and v after rotary
   impl = dims.attention
   keys_per_row = {"xla": t, "chunked": min(dims.block, t)}.get(impl, 0)
-  scores_saved = 2 * h * t * _F32 + 2 * h * _F32 if impl == "xla" else h * _F32  # softmax, or its log-sum-exp
+  # xla: the f32 softmax output for its own backward pass, and the probabilities the context einsum read
+  # (cast to the compute dtype; in f32 a second f32 buffer), plus two f32 row statistics; otherwise the
+  # row log-sum-exp only.
+  scores_saved = h * t * (_F32 + c) + 2 * h * _F32 if impl == "xla" else h * _F32
   base, names = _policy_names(policy)
   names &= {"qkv", "attn_context", "attn_out", "mlp_hidden"}  # an LSTM half's tags save nothing here
   if base in ("save", "offload") and not names:
@@ -640,9 +729,42 @@ def _activations(config: ml_collections.ConfigDict, dims: _Dims, levers: Levers,
   return _Acts(saved, transient, 2 * tokens * 3 * _F32, {"saved_per_step": per_step, "time_chunk": chunk})
 
 
-def _uses_lstm_stack(config: ml_collections.ConfigDict) -> bool:
+def _sharding_buffers(config: ml_collections.ConfigDict, levers: Levers, sizes: dict[str, int],
+                      cal: calibration.Table, layer_param_bytes: float, gathered_extra: float,
+                      grads: float) -> tuple[float, float]:
+  """(gathered weights, reduced gradients): the buffers sharding adds to the backward pass's peak.
+
+  FSDP (ZeRO-3, Rajbhandari et al. 2020 sec. 5.3) keeps a parameter shard per
+  device and all-gathers the weights where they are used. Under the layer
+  scan's backward pass that is one layer's whole weights
+  (`layer_param_bytes`: gathered over fsdp, still split over tensor), once
+  for the backward matmuls and, when a remat policy recomputes the layer's
+  forward, once more for the recomputation: both gathers are alive together
+  in XLA CPU's buffer listing of a held-out Transformer step, with a
+  transposed copy beside them. The LSTM's time scan and the VRNN's cell use
+  every weight at every step, so there the whole model's weights are
+  gathered for the scan (`gathered_extra`: every parameter's whole bytes
+  less the local shards). How many of these copies the compiler keeps alive
+  together is its scheduler's choice: counts fitted per model family
+  (`calibration.Table.fsdp_gathered`: layer copies without remat, layer
+  copies under remat, whole-model copies), starting from 1, 2, 0 for
+  Transformer stacks and 0, 0, 1 for the time-scanned models.
+
+  Data parallelism (the `data` axis): the gradients of the parameters
+  replicated over it are summed across it (all-reduce); whether the
+  compiler reduces in place or into another gradient-sized buffer is its
+  choice, fitted per model family (`calibration.Table.dp_grad_copies`).
+  Tensor-parallel all-reduces are of [b, t, d] activations and fold into the
+  layer transient.
+  """
   m = config.model
-  return m.name == "lstm" or (m.name in ("vae", "mixture") and "lstm" in (m.encoder, m.decoder))
+  gathered = reduced = 0.0
+  if sizes.get("fsdp", 1) > 1:
+    none_copies, remat_copies, whole = cal.fsdp_gathered.get(m.name, (0.0, 0.0, 0.0))
+    gathered = (none_copies if levers.policy == "none" else remat_copies) * layer_param_bytes + whole * gathered_extra
+  if sizes.get("data", 1) > 1:
+    reduced = cal.dp_grad_copies.get(m.name, 0.0) * grads
+  return gathered, reduced
 
 
 def mesh_sizes(config: ml_collections.ConfigDict, num_devices: int | None = None) -> dict[str, int]:
@@ -705,9 +827,11 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     if "layers" in names:  # a scanned layer's weights are gathered whole (over fsdp) while it runs
       stack_bytes += whole
   masks, fresh_masks = _prune_mask_bytes(config, rules, sizes)
+  if backend == "tpu":  # HBM is tiled: small and odd dimensions are padded (tpu_bytes)
+    params, trained, optimizer = _tpu_model_states(config, rules, sizes)
   optimizer += masks
   grads = trained  # gradients in the parameter dtype, sharded like the parameters (ZeRO-2/3 under FSDP)
-  dims = _dims(config, sizes, levers.microbatches, levers)
+  dims = _dims(config, sizes, levers.microbatches, levers, backend)
   batch_ways = math.prod(sizes.get(a, 1) for a in _axes(rules.get("batch")))
   # One weight set runs at a time: a layer's, or with sharing (ALBERT) the set g layers share.
   layer_param_bytes = stack_bytes / max(config.model.layers // config.model.get("share_layers", 1), 1)
@@ -718,6 +842,12 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   acts = dataclasses.replace(acts, saved=acts.saved * cal.saved_scale.get(config.precision.compute_dtype, 1.0))
   # inputs and targets int32, weights f32, this device's rows.
   inputs = config.data.batch_size / batch_ways * config.data.seq_len * 12
+  if backend == "tpu":
+    inputs = 3 * tpu_bytes((max(config.data.batch_size // batch_ways, 1), config.data.seq_len), 4)
+    # Activations are [b, t, d]-shaped (the scores [.., t, t]): padded like the residual stream.
+    pad = tpu_bytes((dims.b, dims.t, dims.d), _F32) / (dims.b * dims.t * dims.d * _F32)
+    acts = dataclasses.replace(acts, saved=acts.saved * pad, layer_transient=acts.layer_transient * pad,
+                               head_transient=acts.head_transient * pad)
 
   # QAT: the forward pass reads a fake-quantized copy of every matmul weight; the layer scan keeps the
   # stacked kernels' copy for the backward pass (measured, float32: +1.0x their bytes of temp, Transformer
@@ -727,14 +857,12 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   # 8-bit parameter of temp whatever the phase of the peak), so they add to either phase.
   # Pruning: the step writes the masks it may have recomputed into a buffer of their own, 1 byte per pruned
   # element beside the backward pass's (measured, CPU: temp + 1.0x the mask bytes, Transformer and LSTM).
-  transient_bwd = max(acts.layer_transient, acts.head_transient) + qat_copy + dequantized + fresh_masks
-  if _uses_lstm_stack(config) and batch_ways > 1:
-    # Measured on the LSTM stack (not the Transformer's): under FSDP the whole
-    # stack's gathered weights are alive during its backward pass; under pure
-    # data parallelism a second, all-reduced copy of the gradients is.
-    transient_bwd += (whole_params - params) if sizes.get("fsdp", 1) > 1 else grads
+  gathered, reduced = _sharding_buffers(config, levers, sizes, cal, layer_param_bytes, whole_params - params, grads)
+  transient_bwd = (max(acts.layer_transient, acts.head_transient) + qat_copy + dequantized + fresh_masks
+                   + gathered + reduced)
+  transient_bwd += cal.fixed_mib * 2**20  # what the compiler's figure holds whatever the step (calibrated)
   backward = live_grads + acts.saved + transient_bwd
-  update = grads + cal.update_buffers * grads + dequantized + fresh_masks
+  update = grads + cal.update_buffers * grads + dequantized + fresh_masks + cal.fixed_mib * 2**20
   if backward >= update:
     phase, activations, transient, grads_term = "backward", acts.saved, transient_bwd, live_grads
   else:
