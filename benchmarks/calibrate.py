@@ -164,14 +164,14 @@ def fitting_set(count: int, seed: int = 0, *, with_tests: bool = False) -> list[
 
 def valid(overrides: dict) -> bool:
   """The config validates and its parameter shards divide over its mesh."""
-  from wm.memory import estimate as estimate_lib
+  from wm.memory import model_states
   try:
     config = make_config(overrides)
   except config_lib.ConfigError:
     return False
   n = overrides["mesh.num_devices"]
   sizes = {"data": overrides["mesh.data"], "fsdp": overrides["mesh.fsdp"], "tensor": overrides.get("mesh.tensor", 1)}
-  return n == 1 or estimate_lib.fits_mesh(config, sizes)
+  return n == 1 or model_states.fits_mesh(config, sizes)
 
 
 def assert_disjoint(held_out: list[dict]) -> None:

@@ -34,7 +34,7 @@ Units (per device, per layer):
     fsdp_gathered[family] with an fsdp axis: (one layer's whole weights alive
                           in its backward pass without remat, the same under
                           a remat policy, whole-model bytes beyond the local
-                          shards) (estimate._sharding_buffers).
+                          shards) (sharding.sharding_buffers).
     dp_grad_copies[family] with a data axis: gradient-sized buffers the
                           all-reduce of the gradients adds.
     fixed_mib             MiB the compiler's figure holds whatever the step
@@ -144,7 +144,7 @@ CPU = Table(
 )
 
 # The TPU compiler (libtpu 0.0.42.1, v5e:2x2 compiled from this host), fitted like CPU's to the 48 records of
-# results/calibration/tpu.jsonl; its model states and activations are tiled (estimate.tpu_bytes).
+# results/calibration/tpu.jsonl; its model states and activations are tiled (sharding.tpu_bytes).
 TPU = Table(
     backend='tpu',
     fitted_on='48 compiled train steps on v5e:2x2 (results/calibration/tpu.jsonl): lstm, mixture, transformer, vae, vrnn; widths 32-1024, 1-4 layers, lengths 32-512, bfloat16/float32, 1/2/4 devices (data/fsdp/tensor), 4 optimizers; fit: median |err| 13.41%, max 138.43%, under-estimates 31% (worst -20.06%)',
