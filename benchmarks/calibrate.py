@@ -14,7 +14,8 @@ CPU, or a TPU/GPU target described from this host) and its compiled figures
 are appended to results/calibration/<backend>.jsonl, one record per config;
 configs already there are skipped, so an interrupted run resumes. Then
 `wm.memory.calibration.fit` refits that backend's table from every record and
-the script prints it as Python, to replace the table in
+the script prints the block of fitted tables (`FITTED_ON` and `COEFFICIENTS`,
+this backend's column refitted) to replace the one in
 wm/memory/calibration.py.
 
 The held-out matrix of benchmarks/estimate_accuracy.py uses widths, depths,
@@ -257,7 +258,8 @@ def main() -> None:
   weights = [4.0 if json.dumps(r["overrides"], sort_keys=True) in tests else 1.0 for r in records]
   table, report = calibration.fit(records, args.backend, make_config, max_evals=args.max_evals, weights=weights)
   print(report)
-  print(calibration.render(table))
+  # The whole block of fitted tables, this backend's column refitted, to paste into wm/memory/calibration.py.
+  print(calibration.render({**{b: calibration.TABLES[b] for b in calibration.FITTED_ON}, args.backend: table}))
 
 
 if __name__ == "__main__":

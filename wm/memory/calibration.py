@@ -95,106 +95,100 @@ class Table:
     return dataclasses.replace(self, **changes)
 
 
-# XLA:CPU, jax 0.10.2: benchmarks/calibrate.py's fit (bounded least squares, ridge 0.05 towards the start,
+_SCALARS = ("head_stream", "vrnn_chunk_grads", "update_buffers", "planning_margin", "mixture_head_logits", "fixed_mib")
+_GROUPS = ("layer_transient", "layer_transient_alt", "lstm_transient", "saved_scale", "fsdp_gathered", "dp_grad_copies")
+
+
+def _rows(t: Table) -> dict[str, tuple[float, ...]]:
+  """A table as rows: `group.key` or a scalar's name -> its coefficients."""
+  rows = {}
+  for group in _GROUPS:
+    for key, value in sorted(getattr(t, group).items()):
+      rows[f"{group}.{key}"] = tuple(value) if isinstance(value, tuple) else (value,)
+  for name in _SCALARS:
+    rows[name] = (getattr(t, name),)
+  return rows
+
+
+def parse(text: str, fitted_on: Mapping[str, str]) -> dict[str, Table]:
+  """The tables of a `COEFFICIENTS` block: a header of backend names, then a row per coefficient, columns split by |."""
+  lines = [line for line in text.strip().splitlines() if line.strip()]
+  backends = lines[0].replace("|", " ").split()
+  rows = {}
+  for line in lines[1:]:
+    name, values = line.split(None, 1)
+    rows[name] = dict(zip(backends, (tuple(float(v) for v in col.split()) for col in values.split("|"))))
+
+  def one(backend: str) -> Table:
+    def group(name: str, scalar: bool = False) -> dict:
+      out = {row.split(".", 1)[1]: v[backend] for row, v in rows.items() if row.split(".", 1)[0] == name}
+      return {k: v[0] for k, v in out.items()} if scalar else out
+    return Table(backend=backend, fitted_on=fitted_on[backend],
+                 **{g: group(g, scalar=g in ("saved_scale", "dp_grad_copies")) for g in _GROUPS},
+                 **{s: rows[s][backend][0] for s in _SCALARS})
+
+  return {b: one(b) for b in backends}
+
+
+# The fitted tables, one row per coefficient (units in the module doc) and one column per backend, so the
+# compilers read side by side; `render` writes this block from fitted tables.
+#
+# cpu: XLA:CPU, jax 0.10.2: benchmarks/calibrate.py's fit (bounded least squares, ridge 0.05 towards the start,
 # tests/test_memory.py's matrix weighted 4x) to the 160 records of results/calibration/cpu.jsonl, compiled from
 # the code of this branch (record field wm_commit). Refit: python benchmarks/calibrate.py --backend cpu
 # --refit-only (it starts from this table, so a rerun refines it rather than repeating it).
-CPU = Table(
-    backend='cpu',
-    fitted_on='160 compiled train steps on cpu (results/calibration/cpu.jsonl): lstm, mixture, transformer, vae, vrnn; widths 32-1024, 1-4 layers, lengths 32-512, bfloat16/float32, 1/2/4/8 devices (data/fsdp/tensor), 4 optimizers; fit: median |err| 7.88%, max 75.43%, under-estimates 36% (worst -47.53%)',
-    layer_transient={
-        'attn_context': (3.702, 7.640, 1.990, 0.610, 0.000, 0.000),
-        'attn_out': (4.288, 4.041, 7.382, 1.488, 0.000, 0.000),
-        'dots': (44.229, 0.000, 0.000, 0.000, 0.000, 0.000),
-        'dots_no_batch': (2.145, 7.078, 2.461, 1.184, 0.000, 0.000),
-        'full': (0.001, 7.287, 3.774, 2.847, 0.000, 0.000),
-        'mlp_hidden': (1.809, 1.159, 6.562, 2.543, 0.000, 0.000),
-        'none': (0.000, 0.000, 0.000, 2.561, 0.000, 0.000),
-        'qkv': (0.005, 9.241, 4.490, 0.000, 0.000, 0.000),
-    },
-    layer_transient_alt={
-        'attn_context': (0.000, 0.000, 3.760, 0.000, 0.000, 0.000),
-        'attn_out': (0.017, 0.069, 8.495, 0.003, 0.000, 0.000),
-    },
-    head_stream=4.000,
-    lstm_transient={
-        'dots': (13.709, 1.639),
-        'full': (23.619, 2.227),
-        'full/chunk': (9.651, 1.121),
-        'none': (3.244, 1.766),
-        'none/chunk': (2.130, 2.738),
-        'save:c': (9.557, 1.431),
-        'save:gates': (26.634, 0.211),
-        'save:h': (5.411, 6.107),
-    },
-    vrnn_chunk_grads=1.765,
-    update_buffers=2.118,
-    planning_margin=0.050,
-    saved_scale={'bfloat16': 1.029, 'float32': 1.000},
-    mixture_head_logits=4.621,
-    fsdp_gathered={
-        'lstm': (0.000, 1.399, 0.345),
-        'mixture': (1.000, 0.000, 0.000),
-        'transformer': (0.000, 0.864, 0.000),
-        'vae': (0.000, 0.820, 0.004),
-        'vrnn': (0.000, 0.000, 3.589),
-    },
-    dp_grad_copies={'lstm': 0.758, 'mixture': 1.556, 'transformer': 0.000, 'vae': 1.194, 'vrnn': 1.014},
-    fixed_mib=0.000,
-)
-
-# The TPU compiler (libtpu 0.0.42.1, v5e:2x2 compiled from this host), fitted like CPU's to the 48 records of
+# tpu: the TPU compiler (libtpu 0.0.42.1, v5e:2x2 compiled from this host), fitted like CPU's to the 48 records of
 # results/calibration/tpu.jsonl; its model states and activations are tiled (sharding.tpu_bytes).
-TPU = Table(
-    backend='tpu',
-    fitted_on='48 compiled train steps on v5e:2x2 (results/calibration/tpu.jsonl): lstm, mixture, transformer, vae, vrnn; widths 32-1024, 1-4 layers, lengths 32-512, bfloat16/float32, 1/2/4 devices (data/fsdp/tensor), 4 optimizers; fit: median |err| 13.41%, max 138.43%, under-estimates 31% (worst -20.06%)',
-    layer_transient={
-        'attn_context': (4.294, 4.384, 3.810, 0.309, 0.000, 0.000),
-        'attn_out': (5.396, 6.933, 1.442, 1.280, 0.000, 0.000),
-        'dots': (1.458, 15.665, 0.000, 1.288, 0.000, 0.000),
-        'dots_no_batch': (0.147, 7.429, 0.000, 1.199, 0.000, 0.000),
-        'full': (1.570, 1.180, 0.529, 0.097, 0.000, 0.000),
-        'mlp_hidden': (6.565, 6.844, 1.007, 0.000, 0.000, 0.000),
-        'none': (0.038, 0.297, 70.039, 0.000, 0.000, 0.000),
-        'qkv': (3.481, 4.428, 0.000, 0.217, 0.000, 0.000),
-    },
-    layer_transient_alt={
-        'attn_context': (0.000, 0.000, 3.760, 0.000, 0.000, 0.000),
-        'attn_out': (0.000, 0.000, 4.400, 0.000, 0.000, 0.000),
-    },
-    head_stream=4.000,
-    lstm_transient={
-        'dots': (29.427, 0.975),
-        'full': (66.564, 0.000),
-        'full/chunk': (14.360, 0.770),
-        'none': (5.191, 1.132),
-        'none/chunk': (0.001, 14.898),
-        'save:c': (32.426, 6.905),
-        'save:gates': (0.000, 8.356),
-        'save:h': (41.425, 1.998),
-    },
-    vrnn_chunk_grads=2.519,
-    update_buffers=1.624,
-    planning_margin=0.100,
-    saved_scale={'bfloat16': 0.008, 'float32': 1.000},
-    mixture_head_logits=4.697,
-    fsdp_gathered={
-        'lstm': (57.873, 0.001, 0.000),
-        'mixture': (1.000, 0.000, 0.000),
-        'transformer': (0.000, 0.000, 0.825),
-        'vae': (1.000, 1.648, 0.155),
-        'vrnn': (0.000, 0.001, 4.857),
-    },
-    dp_grad_copies={'lstm': 0.000, 'mixture': 0.000, 'transformer': 2.115, 'vae': 0.009, 'vrnn': 2.103},
-    fixed_mib=0.246,
-)
+FITTED_ON = {
+    'cpu': '160 compiled train steps on cpu (results/calibration/cpu.jsonl): lstm, mixture, transformer, vae, vrnn; widths 32-1024, 1-4 layers, lengths 32-512, bfloat16/float32, 1/2/4/8 devices (data/fsdp/tensor), 4 optimizers; fit: median |err| 7.88%, max 75.43%, under-estimates 36% (worst -47.53%)',
+    'tpu': '48 compiled train steps on v5e:2x2 (results/calibration/tpu.jsonl): lstm, mixture, transformer, vae, vrnn; widths 32-1024, 1-4 layers, lengths 32-512, bfloat16/float32, 1/2/4 devices (data/fsdp/tensor), 4 optimizers; fit: median |err| 13.41%, max 138.43%, under-estimates 31% (worst -20.06%)',
+}
+COEFFICIENTS = """
+                                  cpu                                       | tpu
+layer_transient.attn_context       3.702  7.640  1.990  0.610  0.000  0.000 |  4.294  4.384  3.810  0.309  0.000  0.000
+layer_transient.attn_out           4.288  4.041  7.382  1.488  0.000  0.000 |  5.396  6.933  1.442  1.280  0.000  0.000
+layer_transient.dots              44.229  0.000  0.000  0.000  0.000  0.000 |  1.458 15.665  0.000  1.288  0.000  0.000
+layer_transient.dots_no_batch      2.145  7.078  2.461  1.184  0.000  0.000 |  0.147  7.429  0.000  1.199  0.000  0.000
+layer_transient.full               0.001  7.287  3.774  2.847  0.000  0.000 |  1.570  1.180  0.529  0.097  0.000  0.000
+layer_transient.mlp_hidden         1.809  1.159  6.562  2.543  0.000  0.000 |  6.565  6.844  1.007  0.000  0.000  0.000
+layer_transient.none               0.000  0.000  0.000  2.561  0.000  0.000 |  0.038  0.297 70.039  0.000  0.000  0.000
+layer_transient.qkv                0.005  9.241  4.490  0.000  0.000  0.000 |  3.481  4.428  0.000  0.217  0.000  0.000
+layer_transient_alt.attn_context   0.000  0.000  3.760  0.000  0.000  0.000 |  0.000  0.000  3.760  0.000  0.000  0.000
+layer_transient_alt.attn_out       0.017  0.069  8.495  0.003  0.000  0.000 |  0.000  0.000  4.400  0.000  0.000  0.000
+lstm_transient.dots               13.709  1.639                             | 29.427  0.975
+lstm_transient.full               23.619  2.227                             | 66.564  0.000
+lstm_transient.full/chunk          9.651  1.121                             | 14.360  0.770
+lstm_transient.none                3.244  1.766                             |  5.191  1.132
+lstm_transient.none/chunk          2.130  2.738                             |  0.001 14.898
+lstm_transient.save:c              9.557  1.431                             | 32.426  6.905
+lstm_transient.save:gates         26.634  0.211                             |  0.000  8.356
+lstm_transient.save:h              5.411  6.107                             | 41.425  1.998
+saved_scale.bfloat16               1.029                                    |  0.008
+saved_scale.float32                1.000                                    |  1.000
+fsdp_gathered.lstm                 0.000  1.399  0.345                      | 57.873  0.001  0.000
+fsdp_gathered.mixture              1.000  0.000  0.000                      |  1.000  0.000  0.000
+fsdp_gathered.transformer          0.000  0.864  0.000                      |  0.000  0.000  0.825
+fsdp_gathered.vae                  0.000  0.820  0.004                      |  1.000  1.648  0.155
+fsdp_gathered.vrnn                 0.000  0.000  3.589                      |  0.000  0.001  4.857
+dp_grad_copies.lstm                0.758                                    |  0.000
+dp_grad_copies.mixture             1.556                                    |  0.000
+dp_grad_copies.transformer         0.000                                    |  2.115
+dp_grad_copies.vae                 1.194                                    |  0.009
+dp_grad_copies.vrnn                1.014                                    |  2.103
+head_stream                        4.000                                    |  4.000
+vrnn_chunk_grads                   1.765                                    |  2.519
+update_buffers                     2.118                                    |  1.624
+planning_margin                    0.050                                    |  0.100
+mixture_head_logits                4.621                                    |  4.697
+fixed_mib                          0.000                                    |  0.246
+"""
+TABLES = parse(COEFFICIENTS, FITTED_ON)
+CPU, TPU = TABLES["cpu"], TABLES["tpu"]
 # The GPU compiler can be run from this host (wm.memory.aot, an H100 described from public facts), and
 # benchmarks/estimate_accuracy.py measures this table against it; no fitting set was compiled for it yet.
-GPU = CPU.replace(backend="gpu", fitted_on=("not fitted to the GPU compiler: XLA CPU coefficients, measured against "
-                                            "H100 compiles made from a CPU host (docs/memory.md, 'GPU targets')"),
-                  planning_margin=0.10)
-
-TABLES = {"cpu": CPU, "tpu": TPU, "gpu": GPU}
+GPU = TABLES.setdefault("gpu", CPU.replace(
+    backend="gpu", fitted_on=("not fitted to the GPU compiler: XLA CPU coefficients, measured against H100 compiles "
+                              "made from a CPU host (docs/memory.md, 'GPU targets')"), planning_margin=0.10))
 
 
 def table(backend: str) -> Table:
@@ -363,25 +357,17 @@ def describe(records: list[dict[str, Any]]) -> str:
           f"(data/fsdp/tensor), {len({x.get('optim.name', 'adamw') for x in o})} optimizers")
 
 
-def render(t: Table) -> str:
-  """Python source of a table, to paste into this module."""
-  def tup(v):
-    return "(" + ", ".join(f"{c:.3f}" for c in v) + ("," if len(v) == 1 else "") + ")"
-  lines = [f"{t.backend.upper()} = Table(", f"    backend={t.backend!r},", f"    fitted_on={t.fitted_on!r},",
-           "    layer_transient={"]
-  lines += [f"        {k!r}: {tup(v)}," for k, v in sorted(t.layer_transient.items())]
-  lines += ["    },", "    layer_transient_alt={"]
-  lines += [f"        {k!r}: {tup(v)}," for k, v in sorted(t.layer_transient_alt.items())]
-  lines += ["    },", f"    head_stream={t.head_stream:.3f},", "    lstm_transient={"]
-  lines += [f"        {k!r}: {tup(v)}," for k, v in sorted(t.lstm_transient.items())]
-  lines += ["    },", f"    vrnn_chunk_grads={t.vrnn_chunk_grads:.3f},", f"    update_buffers={t.update_buffers:.3f},",
-            f"    planning_margin={t.planning_margin:.3f},",
-            "    saved_scale={" + ", ".join(f"{k!r}: {v:.3f}" for k, v in sorted(t.saved_scale.items())) + "},",
-            f"    mixture_head_logits={t.mixture_head_logits:.3f},", "    fsdp_gathered={"]
-  lines += [f"        {k!r}: {tup(v)}," for k, v in sorted(t.fsdp_gathered.items())]
-  lines += ["    },", "    dp_grad_copies={" + ", ".join(f"{k!r}: {v:.3f}" for k, v in sorted(t.dp_grad_copies.items())) + "},",
-            f"    fixed_mib={t.fixed_mib:.3f},", ")"]
-  return "\n".join(lines)
+def render(tables: Mapping[str, Table]) -> str:
+  """Python source of `FITTED_ON` and `COEFFICIENTS` for these tables, to paste into this module."""
+  columns = {b: _rows(t) for b, t in tables.items()}
+  names = list(next(iter(columns.values())))
+  cells = {b: {n: " ".join(f"{c:6.3f}" for c in rows[n]) for n in names} for b, rows in columns.items()}
+  widths = {b: max(len(c) for c in col.values()) for b, col in cells.items()}
+  first = max(len(n) for n in names)
+  lines = ["FITTED_ON = {"] + [f"    {b!r}: {t.fitted_on!r}," for b, t in tables.items()] + ["}", 'COEFFICIENTS = """']
+  lines.append(" " * first + "  " + " | ".join(b.ljust(widths[b]) for b in tables).rstrip())
+  lines += [n.ljust(first) + "  " + " | ".join(cells[b][n].ljust(widths[b]) for b in tables).rstrip() for n in names]
+  return "\n".join(lines + ['"""'])
 
 
 def as_json(t: Table) -> str:
