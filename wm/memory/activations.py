@@ -52,6 +52,7 @@ class Levers:
 
 @dataclasses.dataclass(frozen=True)
 class Acts:
+  """What a model family's forward and backward passes hold beyond the model states (per device)."""
   saved: float  # bytes kept for the backward pass, all layers
   layer_transient: float  # one layer's backward working set (with recomputation)
   head_transient: float  # logits, their gradient and the loss head
@@ -76,7 +77,8 @@ class Dims:
 
 
 def per_device_dims(config: ml_collections.ConfigDict, sizes: dict[str, int], microbatches: int,
-          levers: Levers | None = None, backend: str | None = None) -> Dims:
+                    levers: Levers | None = None, backend: str | None = None) -> Dims:
+  """The sizes one device works on, on a mesh with axis `sizes`, for `backend`'s arithmetic."""
   rules = dict(parallel.rules(config))
   b = max(config.data.batch_size // (microbatches * sharding.batch_ways(config, sizes)), 1)
   vocab_ways = math.prod(sizes.get(a, 1) for a in sharding.axes(rules.get("vocab")))
@@ -95,6 +97,7 @@ def per_device_dims(config: ml_collections.ConfigDict, sizes: dict[str, int], mi
 
 
 def policy_names(policy: str) -> tuple[str, set[str]]:
+  """A remat policy's base and the tags it names: "save:qkv,mlp_hidden" -> ("save", {"qkv", "mlp_hidden"})."""
   base = policy.split(":", 1)[0]
   names = set()
   if ":" in policy:
@@ -329,7 +332,7 @@ def _stack_acts(config: ml_collections.ConfigDict, kind: str, dims: Dims, levers
 
 
 def by_family(config: ml_collections.ConfigDict, dims: Dims, levers: Levers, layer_param_bytes: float,
-                 param_bytes: float, backend: str, cal: calibration.Table) -> Acts:
+              param_bytes: float, backend: str, cal: calibration.Table) -> Acts:
   """Saved activations and transients of the config's model family.
 
   The latent models reuse the stacks (wm/models/latent.py, vae.py, mixture.py, vrnn.py):
