@@ -1,14 +1,16 @@
 """Out-of-sample accuracy of the estimate against a compiler, per backend.
 
-    python benchmarks/estimate_accuracy.py --backend cpu [--count 40] [--out results/calibration/accuracy_cpu.md]
+    python benchmarks/estimate_accuracy.py --backend cpu [--count 48] [--out results/calibration/accuracy_cpu.md]
     python benchmarks/estimate_accuracy.py --backend tpu --targets v5e:2x4     (needs libtpu)
+    python benchmarks/estimate_accuracy.py --backend gpu --targets h100:8     (needs JAX's CUDA plugin, wm.memory.aot)
 
 A held-out matrix, disjoint from benchmarks/calibrate.py's fitting set (widths
 48-384 and depths 3 and 5, which the fitting set never uses; checked by
-`calibrate.assert_disjoint`), covering grouped-query heads, MLP ratios 2 and
-3, sliding windows, bfloat16, every latent model (vae, vrnn, mixture), 8-device
-meshes (data, fsdp and both), microbatches, every optimizer and chunked
-attention. Every config's train step is compiled for the target and its
+`calibrate.assert_disjoint`), the model families in turn (3/8 Transformer,
+1/4 LSTM, 1/8 each of vae, mixture, vrnn), covering grouped-query heads, MLP
+ratios 2 and 3, sliding windows, bfloat16 compute and parameters, 8-device
+meshes (data, fsdp, tensor and their mixes), microbatches, every optimizer
+and chunked attention. Every config's train step is compiled for the target and its
 `bound_bytes` (the figure that bounds device memory there, see
 docs/memory.md) is held against `wm.memory.estimate` with that backend's
 calibration table. Compiled records are kept in
@@ -37,13 +39,18 @@ HELD_WIDTHS = (48, 96, 192, 384)
 HELD_LAYERS = (3, 5)
 
 
+# (devices, data, fsdp, tensor): one device, and 8 devices over every axis and their mixes.
+HELD_MESHES = [(1, 1, 1, 1)] * 3 + [(8, 8, 1, 1), (8, 1, 8, 1), (8, 2, 4, 1), (8, 1, 4, 2), (8, 2, 2, 2), (8, 4, 1, 2)]
+
+
 def held_out(count: int, seed: int = 1) -> list[dict]:
+  """`count` configs, the families of calibrate.FAMILIES in turn (3/8 Transformer, 1/4 LSTM, 1/8 each latent)."""
   rng = random.Random(seed)
   out, seen = [], set()
   while len(out) < count:
     o = calibrate.sample(rng, widths=HELD_WIDTHS, layers=HELD_LAYERS, lengths=(48, 96, 160, 320),
-                         meshes=[(1, 1, 1), (8, 8, 1), (8, 1, 8), (8, 2, 4)], mlp_ratios=(2, 3), gqa=True,
-                         windows=(0, 0, 16, 40), micro=(1, 2, 4), chunked_share=0.25)
+                         meshes=HELD_MESHES, mlp_ratios=(2, 3), gqa=True, windows=(0, 0, 16, 40), micro=(1, 2, 4),
+                         chunked_share=0.25, family=calibrate.FAMILIES[len(out) % len(calibrate.FAMILIES)])
     if o["model.d"] >= 384:
       o["data.seq_len"] = min(o["data.seq_len"], 160)
     key = json.dumps(o, sort_keys=True)
@@ -89,7 +96,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--backend", choices=("cpu", "tpu", "gpu"), required=True)
   parser.add_argument("--targets", nargs="+", default=None)
-  parser.add_argument("--count", type=int, default=40)
+  parser.add_argument("--count", type=int, default=48)
   parser.add_argument("--out", default="")
   parser.add_argument("--no-compile", action="store_true",
                       help="report on the records already saved, compile nothing (e.g. after a refit)")

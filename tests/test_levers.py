@@ -24,6 +24,7 @@ from wm import step as step_lib
 from wm import train
 from wm import workdir as workdir_lib
 from wm.memory import estimate as estimate_lib
+from wm.memory import model_states
 from wm.memory import measure
 from wm.models import layers as L
 from wm.models import sharing
@@ -155,7 +156,7 @@ def test_shared_decoding_matches_the_forward_pass():
 @pytest.mark.parametrize("name", ["transformer", "lstm"])
 def test_estimate_divides_parameter_and_optimizer_bytes_by_the_group(name):
   est = {g: estimate_lib.estimate(model_config(name, share=g), 1) for g in (1, 2, 4)}
-  stack = sum(int(np.prod(shape)) for shape, _, names, _ in estimate_lib.param_leaves(model_config(name))
+  stack = sum(int(np.prod(shape)) for shape, _, names, _ in model_states.param_leaves(model_config(name))
               if "layers" in names)
   for g in (2, 4):
     assert est[1].detail["param_count"] - est[g].detail["param_count"] == stack - stack // g

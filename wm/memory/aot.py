@@ -1,4 +1,4 @@
-"""Ahead-of-time compile of the train step for a TPU topology, from a CPU host.
+"""Ahead-of-time compile of the train step for a TPU topology or an NVIDIA GPU, from a CPU host.
 
     python -m wm compile --config configs/text_transformer.py --topology v5e:2x2 [--json]
 
@@ -11,13 +11,31 @@ parameter is materialised, so this is how to check that a run fits a slice's
 HBM before booking the hardware: the compiler's per-device bytes come from the
 TPU compiler itself (where `temp` and host-offloaded bytes are real, unlike
 the CPU backend's).
+
+NVIDIA GPUs (`target="h100:8"`): JAX's CUDA PJRT plugin describes GPUs it is
+not attached to when given an XLA GPU target description
+(`stream_executor::GpuTargetConfigProto` in text form, the `target_config`
+option of `PJRT_GpuDeviceTopology_Create` in
+xla/pjrt/c/pjrt_c_api_gpu_internal.cc) and a `topology` of
+partitions x hosts x devices. Compiling needs only the plugin's compiler,
+not CUDA's libraries, so the plugin is installed without dependencies, and
+outside the environment's site-packages: installed there, JAX's plugin
+discovery would start it (and log that there is no CUDA) in every process.
+
+    pip install --no-deps --target ~/.cache/wm/gpu-compiler \
+        jax-cuda12-plugin==$JAXVER jax-cuda12-pjrt==$JAXVER     # $JAXVER: the installed jax's version
+
+`WM_GPU_COMPILER` overrides that directory. The device description is
+written from public device facts (`GPU_SPECS`).
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
+import pathlib
 import re
 import sys
 from typing import Any
@@ -32,6 +50,103 @@ INSTALL_HINT = "pip install -e '.[tpu]'   (or: pip install 'jax[tpu]' matching y
 # the value only quiets libtpu's start-up probe, it does not shape the compile.
 _ACCELERATOR = {"v4": "v4-{cores}", "v5p": "v5p-{cores}", "v5e": "v5litepod-{chips}",
                 "v5litepod": "v5litepod-{chips}", "v6e": "v6e-{chips}"}
+
+
+# Public device facts of the GPUs we can describe (NVIDIA H100 Tensor Core GPU datasheet and the Hopper
+# architecture whitepaper, SXM5 80 GB part; CUDA C Programming Guide, "Compute capability 9.0" limits):
+# streaming multiprocessors, their shared memory and registers, thread limits, L2, HBM size and
+# bandwidth, boost clock. The compiler reads them to size kernels (tiles, occupancy) and, for the
+# memory-aware scheduler, the device memory; none of them changes which buffers a step keeps.
+GPU_SPECS = {
+    "h100": {
+        "name": "NVIDIA H100 80GB HBM3",
+        "compute_capability": (9, 0),
+        "core_count": 132,  # SMs, H100 SXM5
+        "fpus_per_core": 128,  # FP32 cores per SM
+        "threads_per_block_limit": 1024,
+        "threads_per_core_limit": 2048,
+        "threads_per_warp": 32,
+        "thread_dim_limit_x": 1024,  # block dimensions
+        "thread_dim_limit_y": 1024,
+        "thread_dim_limit_z": 64,
+        "block_dim_limit_x": 2**31 - 1,  # grid dimensions
+        "block_dim_limit_y": 65535,
+        "block_dim_limit_z": 65535,
+        "shared_memory_per_block": 48 * 1024,  # without opt-in
+        "shared_memory_per_block_optin": 227 * 1024,
+        "shared_memory_per_core": 228 * 1024,
+        "registers_per_core_limit": 65536,
+        "registers_per_block_limit": 65536,
+        "l2_cache_size": 50 * 2**20,
+        "device_memory_size": 80 * 2**30,  # 80 GB HBM3
+        "memory_bandwidth": 3_350_000_000_000,  # 3.35 TB/s
+        "clock_rate_ghz": 1.98,  # boost clock
+    },
+}
+GPU_INSTALL_HINT = ("pip install --no-deps --target ~/.cache/wm/gpu-compiler jax-cuda12-plugin=={v} "
+                    "jax-cuda12-pjrt=={v}   (the installed jax's version; docs/memory.md, 'GPU targets')")
+
+
+def gpu_target_config(kind: str) -> str:
+  """An XLA `GpuTargetConfigProto` in text form for a GPU kind of `GPU_SPECS`."""
+  spec = GPU_SPECS[kind]
+  major, minor = spec["compute_capability"]
+  fields = [f"  {k}: {v}" for k, v in spec.items() if k not in ("name", "compute_capability")]
+  return ("gpu_device_info {\n" + "\n".join(fields)
+          + f"\n  cuda_compute_capability {{\n    major: {major}\n    minor: {minor}\n  }}\n}}\n"
+          + f'platform_name: "CUDA"\ndevice_description_str: "{spec["name"]}"\n')
+
+
+def _gpu_compiler_dir() -> str:
+  return os.environ.get("WM_GPU_COMPILER", str(pathlib.Path.home() / ".cache" / "wm" / "gpu-compiler"))
+
+
+def gpu_compiler_available() -> bool:
+  """Whether JAX's CUDA plugin is importable (installed, or in the WM_GPU_COMPILER directory)."""
+  if importlib.util.find_spec("jax_plugins") is not None:
+    import jax_plugins
+    if any(os.path.isdir(os.path.join(p, "xla_cuda12")) for p in jax_plugins.__path__):
+      return True
+  return os.path.isdir(os.path.join(_gpu_compiler_dir(), "jax_plugins", "xla_cuda12"))
+
+
+def _cuda_compiler():
+  """Registers JAX's CUDA plugin for compiling only; raises ConfigError if it is not installed."""
+  import jax
+  from jax._src import xla_bridge
+  # Compile-only: the plugin's start-up would otherwise insist on CUDA's runtime libraries.
+  os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+  if not xla_bridge.backends_are_initialized():
+    jax.config.update("jax_platforms", "cpu")  # execution stays on this host's CPU; the GPU is a compile target
+  directory = _gpu_compiler_dir()
+  if os.path.isdir(directory) and directory not in sys.path:
+    sys.path.append(directory)
+  try:
+    plugin = importlib.import_module("jax_plugins.xla_cuda12")
+  except ImportError as e:
+    raise ConfigError("compiling for a GPU from this host needs JAX's CUDA compiler plugin:\n  "
+                      + GPU_INSTALL_HINT.format(v=jax.__version__)) from e
+  try:
+    xla_bridge.make_pjrt_topology("cuda", "", topology="1x1x1", target_config=gpu_target_config("h100"))
+  except NotImplementedError:  # not registered yet (discovery did not see it, or refused it without CUDA)
+    plugin.initialize()
+
+
+def gpu_topology(target: str):
+  """Compile-only devices of `target` ("h100:8": 8 H100s on one host)."""
+  generation, _, dims = target.partition(":")
+  kind = generation.lower()
+  if kind == "gpu":
+    kind = "h100"
+  if kind not in GPU_SPECS:
+    raise ConfigError(f"--target {target!r}: GPUs that can be described are {sorted(GPU_SPECS)} (wm.memory.aot.GPU_SPECS)")
+  count = 1
+  for n in re.findall(r"\d+", dims):
+    count *= int(n)
+  _cuda_compiler()
+  from jax.experimental import topologies
+  return topologies.get_topology_desc(platform="cuda", topology_name="", target_config=gpu_target_config(kind),
+                                      topology=f"1x1x{count}")
 
 
 def libtpu_available() -> bool:
@@ -86,9 +201,8 @@ def target_mesh(config: ml_collections.ConfigDict, target: str | None = None):
     config: its mesh section sets the axes; `mesh.num_devices` (0 = all) picks
       how many of the target's devices the mesh spans.
     target: None or "cpu" (this host's devices), a TPU topology ("v5e:2x2",
-      "v6e:4x4", ...; needs libtpu), or "gpu"/"h100:N" (needs a GPU compiler:
-      a CUDA jaxlib plugin and a GPU target description; not available on a
-      CPU-only install, which is said, not guessed).
+      "v6e:4x4", ...; needs libtpu), or "h100:N" (N H100s on one host; needs
+      JAX's CUDA compiler plugin, see the module doc).
   """
   from jax.sharding import Mesh
   import numpy as np
@@ -97,9 +211,12 @@ def target_mesh(config: ml_collections.ConfigDict, target: str | None = None):
     return parallel.make_mesh(config.mesh), jax_backend()
   generation = target.split(":", 1)[0].lower()
   if generation in ("gpu", "h100", "a100", "h200", "b200"):
-    raise ConfigError(f"--target {target!r}: compiling for a GPU from this host needs the CUDA compiler plugin "
-                      f"(jax-cuda12-plugin) and a GPU target description, which this installation does not have "
-                      f"(see docs/memory.md, 'GPU targets'); run on a GPU host with --target local instead")
+    devices = list(gpu_topology(target).devices)
+    n = config.mesh.num_devices or len(devices)
+    if n > len(devices):
+      raise ConfigError(f"config.mesh.num_devices={n} but target {target} has {len(devices)} GPUs")
+    sizes = parallel.mesh_shape(config.mesh, n)
+    return Mesh(np.asarray(devices[:n]).reshape(tuple(sizes[a] for a in parallel.AXES)), parallel.AXES), "gpu"
   if not libtpu_available():
     raise ConfigError(f"--target {target!r} needs the TPU compiler (libtpu): {INSTALL_HINT}")
   from jax.experimental import topologies

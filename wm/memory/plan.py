@@ -59,7 +59,7 @@ import ml_collections
 from wm import config as config_lib
 from wm import models, parallel
 from wm.config import format_bytes
-from wm.memory import calibration, estimate as estimate_lib
+from wm.memory import activations, calibration, estimate as estimate_lib, model_states, sharding
 from wm.models import remat as remat_lib
 
 FLOPS_PER_ICI_BYTE = 1000.0
@@ -199,14 +199,13 @@ def meshes(config: ml_collections.ConfigDict, num_devices: int) -> list[dict[str
   out = []
   for fsdp in _divisors(rest):
     sizes = {"data": rest // fsdp, "fsdp": fsdp, "tensor": tensor}
-    if estimate_lib.fits_mesh(config, sizes):
+    if model_states.fits_mesh(config, sizes):
       out.append(sizes)
   return out
 
 
 def microbatch_counts(config: ml_collections.ConfigDict, mesh: dict[str, int]) -> list[int]:
-  rules = dict(parallel.rules(config))
-  ways = math.prod(mesh.get(a, 1) for a in estimate_lib._axes(rules.get("batch")))
+  ways = sharding.batch_ways(config, mesh)
   b = config.data.batch_size
   return [m for m in _divisors(b) if (b // m) % ways == 0]
 
@@ -238,7 +237,7 @@ def _recompute_fraction(policy: str, parts: dict[str, float], time_chunk: int, s
   """FLOPs recomputed in the backward pass, as a multiple of the stack's forward FLOPs (see module doc)."""
   if stack <= 0:
     return 0.0
-  base, names = estimate_lib._policy_names(policy)
+  base, names = activations.policy_names(policy)
   if "recurrence" in parts:  # LSTM: layer remat reruns the layer; time chunks rerun the recurrence
     r = {"none": 0.0, "dots": 0.01}.get(base, 1.0)
     if base == "save":
@@ -307,7 +306,7 @@ def candidates(config: ml_collections.ConfigDict, num_devices: int | None = None
       for chunk in time_chunks(config):
         for attention in attentions(config):
           for policy in policies(config):
-            levers = estimate_lib.Levers(policy, m, chunk, tuple(sorted(mesh.items())), attention=attention)
+            levers = activations.Levers(policy, m, chunk, tuple(sorted(mesh.items())), attention=attention)
             est = estimate_lib.estimate(config, n, backend=backend, levers=levers)
             flops, comm, score = cost(config, policy, m, chunk, mesh, est, attention)
             out.append(Candidate(policy, m, chunk, dict(mesh), est, flops, comm, score, attention))
