@@ -127,3 +127,13 @@ def test_override_refuses_sections_and_malformed_lists():
     config_lib.override(config_lib.base_config(), {"model": "3"})
   with pytest.raises(config_lib.ConfigError, match="config.mesh.rules"):
     config_lib.override(config_lib.base_config(), {"mesh.rules": '{"batch": "data"}'})
+
+
+def test_command_line_overrides_keep_their_syntax():
+  from wm import __main__ as cli
+  verb, args = cli.parse(["train", "--config", "configs/mqar_transformer.py:quick", "--config.model.d", "32",
+                          "--config.optim.lr=1", "--config.model.tie_embeddings", "no",
+                          "--config.mesh.rules", '[["batch", ["data", "fsdp"]], ["latent", null]]'])
+  c = args.config
+  assert verb == "train" and c.model.d == 32 and c.optim.lr == 1.0 and isinstance(c.optim.lr, float)
+  assert c.model.tie_embeddings is False and c.mesh.rules == (["batch", ["data", "fsdp"]], ["latent", None])

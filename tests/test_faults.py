@@ -448,6 +448,9 @@ def _cases(config_file, workdir):
   cases += [
       (["train"], "--config"), (["fly", "--config", config_file], "invalid choice"),
       (base + ["extra"], "extra"), (base + ["--config.model.d"], "needs a value"),
+      (["train", "--config.model.d=64"] + base[1:], "comes before --config"), (base + ["--bogus"], "--bogus"),
+      (base + ["--devices=abc"], "--devices"), (base + ["--config.model.tie_embeddings", "maybe"], "tie_embeddings"),
+      (["train", "--workdir", workdir, "--config.model.d=64"], "give --config"),
       (base + ["--budget", "lots"], "budget"), (base + ["--budget", "0"], "budget"),
       (["memory", "--config", config_file, "--devices", "0"], "--devices"),
       (["generate", "--config", config_file, "--workdir", workdir, "--length", "-5"], "--length"),

@@ -1,6 +1,9 @@
 """Getting a config: a config file's `get_config(arg)`, then `--config.FIELD=VALUE` overrides.
 
 Both only build the ConfigDict; wm.config.validation judges the values.
+Tests, sweeps and experiments call them directly. The command line loads and
+overrides through ml_collections.config_flags (wm/__main__.py) and calls these
+when config_flags refuses an input, because their errors name the field and the fix.
 """
 
 from __future__ import annotations
