@@ -25,6 +25,14 @@ checkpoint, because `wm.train.train_and_evaluate` does. The config it trains
 is fixed in resolved.json the first time the point starts, so a resumed point
 never re-plans into a different model.
 
+Stale points. A point is its name *and* what it runs (config, overrides,
+budget, grow). When the grid changes under a name (a preset edited, another
+`--set`), the directory on disk belongs to another experiment: reusing its
+record would put the old result in the new figure, and resuming its
+checkpoint would train the old model. So before running, every such
+directory moves to out/stale/<name>-<UTC time> (nothing is deleted) with a
+line saying so, and the point runs afresh.
+
 Sharding. `--shard I/N` runs the points whose index in the grid is I mod N,
 so N hosts or an N-task job array cover the grid exactly once with no
 coordinator. Each point writes only inside its own directory; runs.jsonl is
@@ -124,6 +132,50 @@ def point_dir(out: str, point: Point) -> str:
   return os.path.join(out, "runs", point.name)
 
 
+def identity(point: Point) -> dict[str, Any]:
+  """What a point runs, as it reads back from JSON (so a saved copy compares equal)."""
+  return json.loads(json.dumps({"config": point.config, "overrides": point.overrides, "budget": point.budget,
+                                "grow": point.grow}, default=str))
+
+
+def stale_reason(out: str, point: Point) -> str | None:
+  """Why the point's directory on disk belongs to another grid, or None when it is this point's (or absent).
+
+  resolved.json (written when a point first starts) carries the identity;
+  records from before it did are compared on their config, overrides and
+  budget, which every record has.
+  """
+  workdir = point_dir(out, point)
+  want = identity(point)
+  for name in (RESOLVED, RECORD):
+    saved = _read_json(os.path.join(workdir, name))
+    if saved is None:
+      continue
+    have = saved.get("point") if name == RESOLVED else {k: saved.get(k) for k in ("config", "overrides", "budget")}
+    if have is None:
+      continue
+    keys = [k for k in want if k in have]
+    diff = sorted({*_changed(have.get("overrides") or {}, want["overrides"]),
+                   *(k for k in keys if k != "overrides" and have[k] != want[k])})
+    if diff:
+      return f"{name} ran with other settings ({', '.join(diff)})"
+  return None
+
+
+def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  return [k for k in sorted({*old, *new}) if old.get(k, "<unset>") != new.get(k, "<unset>")]
+
+
+def move_stale(out: str, point: Point, reason: str) -> str:
+  """Moves a stale point directory to out/stale/<name>-<UTC time>; returns the new path."""
+  stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+  dest = os.path.join(out, "stale", f"{point.name}-{stamp}")
+  os.makedirs(os.path.dirname(dest), exist_ok=True)
+  os.replace(point_dir(out, point), dest)
+  print(f"{point.name}: {reason}; moved to {dest} and running the point afresh", file=sys.stderr)
+  return dest
+
+
 def read_records(out: str, points: Sequence[Point] | None = None) -> list[dict[str, Any]]:
   """Finished points' records: in grid order for `points`, else every record under out/runs."""
   runs = os.path.join(out, "runs")
@@ -132,8 +184,10 @@ def read_records(out: str, points: Sequence[Point] | None = None) -> list[dict[s
   else:
     names = [p.name for p in points]
   records = []
-  for name in names:
+  for i, name in enumerate(names):
     record = _read_json(os.path.join(runs, name, RECORD))
+    if record is not None and points is not None and stale_reason(out, points[i]):
+      continue  # another grid's result under this name: never drawn as this grid's (a run moves it aside)
     if record is not None:
       records.append(record)
   return records
@@ -162,7 +216,7 @@ def resolve(point: Point, workdir: str) -> tuple[Any, dict[str, Any]]:
   if saved is not None:
     return config_lib.validate(config_lib.override(base, saved["overrides"])), saved
   config = config_lib.validate(base)
-  resolved: dict[str, Any] = {"overrides": {}, "plan": None, "growth": None}
+  resolved: dict[str, Any] = {"point": identity(point), "overrides": {}, "plan": None, "growth": None}
   if point.budget:
     from wm.memory import grow as grow_lib, plan as plan_lib
     budget = config_lib.parse_bytes(point.budget)
@@ -336,11 +390,16 @@ def main(name: str, grids: dict[str, Callable[[], list[Point]]], plot: Callable[
   if args.list:
     for i, p in enumerate(points):
       done = os.path.exists(os.path.join(point_dir(out, p), RECORD))
-      print(f"{i:3d} {'done' if done else '    '} {'*' if p in mine else ' '} {p.name}"
+      state = "stale" if stale_reason(out, p) else "done" if done else ""
+      print(f"{i:3d} {state:5s} {'*' if p in mine else ' '} {p.name}"
             + (f"  budget={p.budget}{' (grow)' if p.grow else ''}" if p.budget else ""))
     return 0
   failed: list[str] = []
   if not args.plot:
+    for p in mine:
+      reason = stale_reason(out, p)
+      if reason:
+        move_stale(out, p, reason)
     todo = [p for p in mine if not os.path.exists(os.path.join(point_dir(out, p), RECORD))]
     print(f"{name} ({args.preset}): {len(points)} points, shard {index}/{count} has {len(mine)}, "
           f"{len(mine) - len(todo)} finished, {len(todo)} to run; records in {out}", file=sys.stderr)
