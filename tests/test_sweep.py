@@ -156,6 +156,14 @@ def test_duplicate_point_names_are_refused(config_spec):
     sweep.check_grid([sweep.Point("a", config_spec), sweep.Point("a", config_spec)])
 
 
+def test_out_in_an_override_names_the_records_root():
+  points = [sweep.Point("base", "c.py"),
+            sweep.Point("eval", "c.py", {"train.init_from": "{out}/runs/base", "train.steps": 0, "x": "{y}"})]
+  filled = sweep.with_out(points, "/tmp/res")
+  assert filled[0] == points[0]
+  assert filled[1].overrides == {"train.init_from": "/tmp/res/runs/base", "train.steps": 0, "x": "{y}"}
+
+
 def test_width_ladder_steps_by_about_an_eighth():
   ladder = grow_lib.width_ladder(32, 4096)
   assert ladder[:7] == [32, 48, 64, 80, 96, 112, 128]

@@ -40,6 +40,13 @@ rebuilt from the record.json files (atomically) after every point and by
 `--plot`, so shards on a shared filesystem never write the same file at once
 except for that rebuild, whose last writer sees every record then present.
 
+Points that start from another point. An override's string value may name
+the records root as "{out}" (e.g. train.init_from="{out}/runs/baseline": a
+fine-tune, or an evaluation with train.steps=0, of the baseline's trained
+parameters); `main` replaces it with the --out in use. Put such a point after
+the one it reads: run before that point has finished (another shard), it
+fails naming the missing checkpoint, and the next run retries it.
+
 Records. One JSON object per point (a point whose budget no configuration
 fits gets a record with "infeasible" and the smallest budget that would fit,
 and nothing trains): its overrides and labels, parameter
@@ -102,6 +109,13 @@ def parse_shard(text: str) -> tuple[int, int]:
 def shard_points(points: Sequence[Point], index: int, count: int) -> list[Point]:
   """The points whose grid position is `index` mod `count`."""
   return [p for i, p in enumerate(points) if i % count == index]
+
+
+def with_out(points: Sequence[Point], out: str) -> list[Point]:
+  """The points with "{out}" in their string overrides replaced by the records root `out`."""
+  def fill(value):
+    return value.replace("{out}", out) if isinstance(value, str) else value
+  return [dataclasses.replace(p, overrides={k: fill(v) for k, v in p.overrides.items()}) for p in points]
 
 
 def check_grid(points: Sequence[Point]) -> None:
@@ -381,7 +395,7 @@ def main(name: str, grids: dict[str, Callable[[], list[Point]]], plot: Callable[
   # The quick preset's records are the ones committed (they regenerate on any
   # CPU machine); other presets keep theirs apart so the two never mix.
   out = args.out or os.path.join("results", name, *([] if args.preset == "quick" else [args.preset]))
-  points = [dataclasses.replace(p, overrides={**p.overrides, **extra}) for p in grids[args.preset]()]
+  points = with_out([dataclasses.replace(p, overrides={**p.overrides, **extra}) for p in grids[args.preset]()], out)
   check_grid(points)
   os.makedirs(out, exist_ok=True)
   index, count = parse_shard(args.shard)
