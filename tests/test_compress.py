@@ -242,6 +242,42 @@ def test_generation_runs_on_int8_weights_and_int8_state():
   assert np.mean(out == ref) > 0.8  # greedy decoding mostly agrees with the float model
 
 
+def _scored_batch(t=16, seed=0):
+  tok = np.asarray(tokens(b=2, t=t + 1, seed=seed))
+  weights = np.ones((2, t), np.float32)
+  weights[1, t // 2:] = 0.0  # a padded tail must not count
+  return {"inputs": tok[:, :-1], "targets": tok[:, 1:], "weights": weights}
+
+
+@pytest.mark.parametrize("name,window", [("transformer", 0), ("transformer", 4), ("lstm", 0)])
+def test_decode_scoring_with_a_float32_state_is_the_forward_loss(name, window):
+  batch = _scored_batch()
+  scores = {}
+  for state in ("float32", "int8"):
+    model = build(config(name, d=64, state=state, window=window))
+    scores[state] = jax.jit(lambda b, m=model: generate.decode_metrics(m, b))(batch)
+  _, forward = model.loss(batch, train=False)
+  assert float(scores["float32"]["weight"]) == float(forward["weight"]) == 24
+  np.testing.assert_allclose(float(scores["float32"]["nll"]), float(forward["nll"]), rtol=1e-5)
+  np.testing.assert_allclose(float(scores["float32"]["accuracy"]), float(forward["accuracy"]), atol=1e-6)
+  # An int8 state costs something, and not much (the logits track float32 decoding; STATE_TOL).
+  gap = float(scores["int8"]["nll"]) - float(forward["nll"])
+  assert gap != 0 and abs(gap) < 0.01 * float(forward["nll"]), gap
+
+
+def test_decode_evaluation_goes_through_the_eval_step_and_its_int8_weights():
+  """make_eval_step(score=decode_metrics) reports what the forward eval step reports, int8 weights included."""
+  c = config("transformer", d=32, state="float32", **{"quant.weights": "int8"})
+  setup = step_lib.make_setup(c, parallel.make_mesh(c.mesh, jax.devices()[:1]))
+  state, batch = step_lib.init_state(setup), step_lib.global_batch(setup, _scored_batch(seed=1))
+  key = jax.random.key(0)
+  forward = step_lib.finish_sums(step_lib.make_eval_step(setup)(state, batch, key))
+  decoded = step_lib.finish_sums(step_lib.make_eval_step(setup, score=generate.decode_metrics)(state, batch, key))
+  assert decoded.keys() == forward.keys() and "int8_nll" in decoded
+  for k in ("nll", "int8_nll", "accuracy", "weight", "examples"):
+    np.testing.assert_allclose(decoded[k], forward[k], rtol=1e-5, err_msg=k)
+
+
 # ----------------------------------------------------------------------------- 8-bit Adam
 
 

@@ -36,7 +36,7 @@ def validated(point):
 # ---------------------------------------------------------------------------
 # Grids: every point is a valid config, names are unique, the design holds.
 
-@pytest.mark.parametrize("name", ["working_memory_tasks", "vae_table", "remat_tradeoff"])
+@pytest.mark.parametrize("name", ["working_memory_tasks", "vae_table", "remat_tradeoff", "techniques"])
 @pytest.mark.parametrize("preset", ["quick", "full"])
 def test_grid_points_are_valid_configs(name, preset):
   module = load(name)
@@ -96,6 +96,30 @@ def test_remat_points_train_nothing_and_cover_every_policy():
   assert (-1 in {chunk for _, _, chunk in remat.LSTM_VARIANTS})  # k = sqrt(T)
   lstm_lengths = sorted(p.labels["seq_len"] for p in points if p.labels["family"] == "lstm")
   assert lstm_lengths[0] == 256 and lstm_lengths[-1] == 4096
+
+
+@pytest.mark.parametrize("preset", ["quick", "full"])
+def test_technique_rows_change_one_lever_of_the_baseline(preset):
+  """Each row is the baseline's model, data and evaluation sample with its levers; eval rows read the baseline."""
+  tech = load("techniques")
+  points = {"quick": tech.quick_grid, "full": tech.full_grid}[preset]()
+  names = [p.name for p in points]
+  levers = ("quant.", "optim.name", "prune.", "model.share_layers", "model.lora_rank", "train.init_from",
+            "train.steps", "optim.warmup_steps")
+  for section, base_name in (("text", "baseline"), ("mqar", "mqar_baseline")):
+    rows = [p for p in points if p.labels["section"] == section]
+    base = next(p for p in rows if p.name == base_name)
+    shared = lambda c: (c.data.to_dict(), c.train.eval_batches, c.seed, {k: v for k, v in c.model.items()
+                                                                        if k not in ("share_layers", "lora_rank")})
+    for p in rows:
+      assert {k for k in set(p.overrides) ^ set(base.overrides) if not k.startswith(levers)} == set(), p.name
+      assert shared(validated(p)) == shared(validated(base)), p.name
+      source = p.overrides.get("train.init_from")
+      if source:  # reads the baseline's checkpoint: the baseline runs first, and eval rows train nothing
+        assert source == f"{{out}}/runs/{base_name}" and names.index(p.name) > names.index(base_name)
+        assert p.overrides["train.steps"] == 0 or p.overrides.get("model.lora_rank")
+  assert {"kv_bfloat16", "kv_int8", "kv_float8_e4m3fn", "int8_weights", "qat_int8", "adamw8bit", "prune_50",
+          "prune_2of4", "share_layers_2", "lora_r8"} <= set(names)
 
 
 # ---------------------------------------------------------------------------
@@ -221,3 +245,46 @@ def test_remat_measure_variants_on_a_tiny_lstm():
   # k = sqrt(64) keeps less than no chunks, and both more than the same step at T = 2.
   assert runs[1]["temp_size_in_bytes"] < runs[0]["temp_size_in_bytes"]
   assert 0 < floor["temp_size_in_bytes"] < runs[1]["temp_size_in_bytes"] and floor["seq_len"] == 2
+
+
+def test_techniques_plot(tmp_path):
+  """One line per technique (two for QAT and 2:4: float and int8 weights), ratios against the baseline."""
+  tech = load("techniques")
+  records = []
+  for p in tech.quick_grid():
+    o, text = p.overrides, p.labels["section"] == "text"
+    int8w, kind = o.get("quant.weights") == "int8", o.get("quant.state")
+    ev = ({"nll": 1.6 * math.log(2), "bits_per_byte": 1.6} if text else {"nll": 0.01, "accuracy": 1.0})
+    ev.update({"eval_tokens": 1000, **({"int8_nll": ev["nll"] * 1.01, "int8_accuracy": 0.99} if int8w else {})})
+    r = {**COMMON, "name": p.name, **p.labels, "overrides": o, "eval": ev, "estimate_bytes": 100 * 2**20,
+         "compiled_bytes": 96 * 2**20, "estimate_terms": {"optimizer": 3 * 2**20},
+         "argument_bytes": {"opt_state": (2**20 if o.get("optim.name") == "adamw8bit" else 3 * 2**20)},
+         "serving": {"params": (2**20 // 4 if int8w else 2**20), "state": (2**16 if kind == "int8" else 2**18)}}
+    if int8w:
+      r["param_bytes_float"] = 2**20
+    if kind:
+      r["decoded"] = {**ev, **({"nll": ev["nll"] * 1.02, "bits_per_byte": 1.6 * 1.02} if kind != "float32" else {})}
+      if kind != "float32":
+        r["decoded_float32"] = ev
+    if "prune.method" in o:
+      r["eval"]["sparsity"] = 0.5
+      r["export"] = {"bytes": 2**19, "dense_bytes": 2**20, "ratio": 0.5}
+      if int8w:
+        r["export_int8"] = {"bytes": 2**17}
+    records.append(r)
+  tech.plot(records, str(tmp_path), "quick")
+  text = outputs(tmp_path, ["techniques"])
+  table = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+  # 16 points: QAT and 2:4 give a float and an int8 line, each baseline its decode-path line, MQAR a heading.
+  assert len(table) == 16 + 2 + 2 + 1
+  heading = next(i for i, line in enumerate(table) if "MQAR" in line)
+  row = {line.split(" | ")[0][2:]: line.split(" | ") for line in table[:heading]}  # the text section
+  mqar = {line.split(" | ")[0][2:]: line.split(" | ") for line in table[heading + 1:]}
+  assert list(mqar) == ["baseline (float32, AdamW)", "baseline, scored through the decode path (float32 cache)",
+                        "KV cache int8", "int8 weights (post-training)"]
+  assert mqar["int8 weights (post-training)"][-2:] == ["0.9900 [forward]", "0.990 |"]
+  assert row["2:4 pruning + int8 weights (sparsity 0.500)"][1:3] == ["0.125", "0.125"]
+  assert row["8-bit Adam"][5:7] == ["3.000 / 1.000", "0.333"]
+  assert row["KV cache int8"][7:9] == ["64.0", "0.250"]
+  assert row["KV cache int8"][10].startswith("1.6320 (f32 cache 1.6000) [decode path]")
+  assert row["QAT, int8 weights"][-1] == "1.010 |"

@@ -105,6 +105,26 @@ def test_an_interrupted_point_resumes_from_its_checkpoint(config_spec, tmp_path)
   assert steps == [2, 4, 6]  # resumed at 3: nothing trained twice
 
 
+def test_a_point_whose_settings_changed_is_moved_aside_and_rerun(config_spec, tmp_path, capsys):
+  out = str(tmp_path / "exp")
+  old = grid(config_spec)[2]
+  workdir = sweep.point_dir(out, old)
+  config, _ = sweep.resolve(old, workdir)
+  train.train_and_evaluate(config, workdir, stop_after_step=3)  # interrupted under the old settings
+  changed = sweep.Point(old.name, old.config, {**old.overrides, "model.d": 32}, labels=old.labels)
+  assert "model.d" in sweep.stale_reason(out, changed) and sweep.stale_reason(out, old) is None
+  assert sweep.read_records(out, [changed]) == []
+
+  assert sweep.main("tiny", {"quick": lambda: [changed]}, plot_names, argv=["--out", out]) == 0
+  assert "moved to" in capsys.readouterr().err
+  [moved] = os.listdir(os.path.join(out, "stale"))
+  assert moved.startswith("lstm_wide-") and os.path.exists(os.path.join(out, "stale", moved, "checkpoints"))
+  [record] = sweep.read_records(out, [changed])
+  assert record["model"]["d"] == 32 and record["steps"] == 6  # trained afresh, not resumed from d=24's step 3
+  # A finished record of the old grid is stale too, and never drawn as the new grid's.
+  assert sweep.stale_reason(out, old) and sweep.read_records(out, [old]) == []
+
+
 def test_plot_redraws_from_records_without_a_backend(config_spec, tmp_path):
   out = tmp_path / "exp"
   run(config_spec, out, "--shard", "0/3")
@@ -134,6 +154,14 @@ def test_parse_shard_refuses(text):
 def test_duplicate_point_names_are_refused(config_spec):
   with pytest.raises(ValueError, match="unique"):
     sweep.check_grid([sweep.Point("a", config_spec), sweep.Point("a", config_spec)])
+
+
+def test_out_in_an_override_names_the_records_root():
+  points = [sweep.Point("base", "c.py"),
+            sweep.Point("eval", "c.py", {"train.init_from": "{out}/runs/base", "train.steps": 0, "x": "{y}"})]
+  filled = sweep.with_out(points, "/tmp/res")
+  assert filled[0] == points[0]
+  assert filled[1].overrides == {"train.init_from": "/tmp/res/runs/base", "train.steps": 0, "x": "{y}"}
 
 
 def test_width_ladder_steps_by_about_an_eighth():

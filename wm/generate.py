@@ -6,6 +6,11 @@ when the model uses a sliding window, so memory stays bounded however long the
 sample), stored in `quant.state` (float32, bfloat16, int8, float8_e4m3fn).
 Latent models sample a code from the prior and decode from it. With
 `quant.weights = "int8"` the model runs on int8 matmul weights.
+
+`decode_metrics` scores a batch through the same decode path, teacher-forced
+(the true token goes in at every position): the quality of a quantized
+generation state, which the training forward pass never stores, on the same
+footing as the forward pass's validation loss.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from wm import parallel, step as step_lib
+from wm import config as config_lib
+from wm import parallel, step as step_lib, train
 from wm.compress import quant
+from wm.models import layers
 
 
 def restore_model(config: ml_collections.ConfigDict, workdir: str) -> nnx.Module:
@@ -41,14 +48,61 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str) -> nnx.Module
   return quant.quantize_model(model) if config.quant.weights == "int8" else model
 
 
+def init_memory(model: nnx.Module, batch: int, max_len: int):
+  """The empty working memory decoding starts from: a KV cache for `max_len` tokens, or a recurrent state."""
+  if hasattr(model, "init_cache"):
+    return model.init_cache(batch, max_len)
+  return model.init_state(batch)
+
+
+def decode_metrics(model: nnx.Module, batch: dict, key: jax.Array | None = None) -> dict[str, jax.Array]:
+  """`layers.lm_loss`'s metrics of `batch`, scored one token at a time through `decode_step`.
+
+  Teacher-forced: position i consumes the true input token, whatever the
+  model predicted, so the sums equal the forward pass's up to the state's
+  storage (float32 state: float rounding; a quantized state: its error,
+  which compounds over positions the way it does in generation). A
+  `lax.scan` over positions, so it compiles once for any length. The
+  signature is `step.make_eval_step`'s `score`.
+  """
+  del key  # decoding is deterministic (no dropout, no latent samples)
+  graphdef, variables = nnx.split(model)
+  b, t = batch["inputs"].shape
+
+  def body(carry, xs):
+    memory, sums = carry
+    tokens, targets, weights = xs
+    # copy=True: fresh Variables at this trace level (nnx.scan in decode_step refuses the outer level's).
+    logits, memory = nnx.merge(graphdef, variables, copy=True).decode_step(tokens, memory)
+    return (memory, jax.tree.map(jnp.add, sums, layers.lm_loss_sums(logits, targets, weights))), None
+
+  zero = jnp.zeros((), jnp.float32)
+  init = (init_memory(model, b, t), {"xent": zero, "correct": zero, "weight": zero})
+  columns = tuple(jnp.swapaxes(batch[k], 0, 1) for k in ("inputs", "targets", "weights"))  # [t, b]: scan over t
+  (_, sums), _ = jax.lax.scan(body, init, columns)
+  return layers.lm_loss_from_sums(sums)[1]
+
+
+def evaluate_decoded(config: ml_collections.ConfigDict, state: step_lib.State,
+                     state_dtype: str | None = None) -> dict:
+  """`train.evaluate` of a train state (same examples, same metrics), scored through the decode path.
+
+  Args:
+    config: the run's config; its evaluation sample (`train.eval_batches`) is the one scored.
+    state: a train state of that config (e.g. `train_and_evaluate(...)["state"]`).
+    state_dtype: the generation state's storage (`quant.state`); None = the config's.
+  """
+  if state_dtype is not None:
+    config = config_lib.override(config, {"quant.state": state_dtype})
+  setup = step_lib.make_setup(config)
+  return train.evaluate(config, setup, state, step_lib.make_eval_step(setup, score=decode_metrics))
+
+
 def sample_tokens(model: nnx.Module, prompt: np.ndarray, length: int, key: jax.Array,
                   temperature: float = 1.0) -> np.ndarray:
   """Continues `prompt` [b, p] by `length` tokens, one decode step at a time."""
   batch, p = prompt.shape
-  if hasattr(model, "init_cache"):
-    memory = model.init_cache(batch, p + length)
-  else:
-    memory = model.init_state(batch)
+  memory = init_memory(model, batch, p + length)
 
   @nnx.jit
   def step(model, tokens, memory, key):

@@ -319,16 +319,28 @@ def make_train_step(setup: Setup) -> Callable[[State, dict], tuple[State, dict]]
   return run
 
 
-def make_eval_step(setup: Setup) -> Callable[[State, dict, jax.Array], dict]:
+def _model_metrics(model: nnx.Module, batch: dict, key: jax.Array) -> dict[str, jax.Array]:
+  return model.loss(batch, train=False, rngs=nnx.Rngs(key))[1]
+
+
+def make_eval_step(setup: Setup, score: Callable[[nnx.Module, dict, jax.Array], dict] | None = None
+                   ) -> Callable[[State, dict, jax.Array], dict]:
   """Metrics of the model on one batch, weighted sums (combine with `finish_sums`).
 
   With `quant.weights = "int8"` the same batch is scored again with the
   weights quantized to int8 (wm.compress.quant.quantize_params), reported as
   `int8_<metric>` next to the float model's metrics: the quality cost of
   serving the int8 model, measured on the same examples and latent samples.
+
+  Args:
+    setup: the run's setup.
+    score: score(model, batch, key) -> the model's metrics (with "weight");
+      default the model's own loss (the forward pass). wm.generate.decode_metrics
+      scores through the decode path instead.
   """
   graphdef = setup.graphdef
   int8 = setup.config.quant.weights == "int8"
+  score = score or _model_metrics
 
   def eval_fn(params, rest, batch, key):
     # Subword text carries the bytes each target covers: their total over the
@@ -337,11 +349,10 @@ def make_eval_step(setup: Setup) -> Callable[[State, dict, jax.Array], dict]:
     target_bytes = batch.get("target_bytes")
     batch = {k: v for k, v in batch.items() if k != "target_bytes"}
     model = nnx.merge(graphdef, params, rest)
-    _, metrics = model.loss(batch, train=False, rngs=nnx.Rngs(key))
-    sums = _weighted_sum(metrics)
+    sums = _weighted_sum(score(model, batch, key))
     if int8:
       quantized = nnx.merge(graphdef, quant.quantize_params(params, setup.weight_axes), rest)
-      _, q_metrics = quantized.loss(batch, train=False, rngs=nnx.Rngs(key))
+      q_metrics = score(quantized, batch, key)
       sums.update({f"int8_{k}": v for k, v in _weighted_sum(q_metrics).items() if k != "weight"})
     # Examples with at least one scored token; weight-0 padding rows do not count.
     sums["examples"] = jnp.sum((jnp.sum(batch["weights"], axis=-1) > 0).astype(jnp.float32))

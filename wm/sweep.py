@@ -25,12 +25,27 @@ checkpoint, because `wm.train.train_and_evaluate` does. The config it trains
 is fixed in resolved.json the first time the point starts, so a resumed point
 never re-plans into a different model.
 
+Stale points. A point is its name *and* what it runs (config, overrides,
+budget, grow). When the grid changes under a name (a preset edited, another
+`--set`), the directory on disk belongs to another experiment: reusing its
+record would put the old result in the new figure, and resuming its
+checkpoint would train the old model. So before running, every such
+directory moves to out/stale/<name>-<UTC time> (nothing is deleted) with a
+line saying so, and the point runs afresh.
+
 Sharding. `--shard I/N` runs the points whose index in the grid is I mod N,
 so N hosts or an N-task job array cover the grid exactly once with no
 coordinator. Each point writes only inside its own directory; runs.jsonl is
 rebuilt from the record.json files (atomically) after every point and by
 `--plot`, so shards on a shared filesystem never write the same file at once
 except for that rebuild, whose last writer sees every record then present.
+
+Points that start from another point. An override's string value may name
+the records root as "{out}" (e.g. train.init_from="{out}/runs/baseline": a
+fine-tune, or an evaluation with train.steps=0, of the baseline's trained
+parameters); `main` replaces it with the --out in use. Put such a point after
+the one it reads: run before that point has finished (another shard), it
+fails naming the missing checkpoint, and the next run retries it.
 
 Records. One JSON object per point (a point whose budget no configuration
 fits gets a record with "infeasible" and the smallest budget that would fit,
@@ -96,6 +111,13 @@ def shard_points(points: Sequence[Point], index: int, count: int) -> list[Point]
   return [p for i, p in enumerate(points) if i % count == index]
 
 
+def with_out(points: Sequence[Point], out: str) -> list[Point]:
+  """The points with "{out}" in their string overrides replaced by the records root `out`."""
+  def fill(value):
+    return value.replace("{out}", out) if isinstance(value, str) else value
+  return [dataclasses.replace(p, overrides={k: fill(v) for k, v in p.overrides.items()}) for p in points]
+
+
 def check_grid(points: Sequence[Point]) -> None:
   names = [p.name for p in points]
   dupes = sorted({n for n in names if names.count(n) > 1})
@@ -124,6 +146,50 @@ def point_dir(out: str, point: Point) -> str:
   return os.path.join(out, "runs", point.name)
 
 
+def identity(point: Point) -> dict[str, Any]:
+  """What a point runs, as it reads back from JSON (so a saved copy compares equal)."""
+  return json.loads(json.dumps({"config": point.config, "overrides": point.overrides, "budget": point.budget,
+                                "grow": point.grow}, default=str))
+
+
+def stale_reason(out: str, point: Point) -> str | None:
+  """Why the point's directory on disk belongs to another grid, or None when it is this point's (or absent).
+
+  resolved.json (written when a point first starts) carries the identity;
+  records from before it did are compared on their config, overrides and
+  budget, which every record has.
+  """
+  workdir = point_dir(out, point)
+  want = identity(point)
+  for name in (RESOLVED, RECORD):
+    saved = _read_json(os.path.join(workdir, name))
+    if saved is None:
+      continue
+    have = saved.get("point") if name == RESOLVED else {k: saved.get(k) for k in ("config", "overrides", "budget")}
+    if have is None:
+      continue
+    keys = [k for k in want if k in have]
+    diff = sorted({*_changed(have.get("overrides") or {}, want["overrides"]),
+                   *(k for k in keys if k != "overrides" and have[k] != want[k])})
+    if diff:
+      return f"{name} ran with other settings ({', '.join(diff)})"
+  return None
+
+
+def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  return [k for k in sorted({*old, *new}) if old.get(k, "<unset>") != new.get(k, "<unset>")]
+
+
+def move_stale(out: str, point: Point, reason: str) -> str:
+  """Moves a stale point directory to out/stale/<name>-<UTC time>; returns the new path."""
+  stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+  dest = os.path.join(out, "stale", f"{point.name}-{stamp}")
+  os.makedirs(os.path.dirname(dest), exist_ok=True)
+  os.replace(point_dir(out, point), dest)
+  print(f"{point.name}: {reason}; moved to {dest} and running the point afresh", file=sys.stderr)
+  return dest
+
+
 def read_records(out: str, points: Sequence[Point] | None = None) -> list[dict[str, Any]]:
   """Finished points' records: in grid order for `points`, else every record under out/runs."""
   runs = os.path.join(out, "runs")
@@ -132,8 +198,10 @@ def read_records(out: str, points: Sequence[Point] | None = None) -> list[dict[s
   else:
     names = [p.name for p in points]
   records = []
-  for name in names:
+  for i, name in enumerate(names):
     record = _read_json(os.path.join(runs, name, RECORD))
+    if record is not None and points is not None and stale_reason(out, points[i]):
+      continue  # another grid's result under this name: never drawn as this grid's (a run moves it aside)
     if record is not None:
       records.append(record)
   return records
@@ -162,7 +230,7 @@ def resolve(point: Point, workdir: str) -> tuple[Any, dict[str, Any]]:
   if saved is not None:
     return config_lib.validate(config_lib.override(base, saved["overrides"])), saved
   config = config_lib.validate(base)
-  resolved: dict[str, Any] = {"overrides": {}, "plan": None, "growth": None}
+  resolved: dict[str, Any] = {"point": identity(point), "overrides": {}, "plan": None, "growth": None}
   if point.budget:
     from wm.memory import grow as grow_lib, plan as plan_lib
     budget = config_lib.parse_bytes(point.budget)
@@ -327,7 +395,7 @@ def main(name: str, grids: dict[str, Callable[[], list[Point]]], plot: Callable[
   # The quick preset's records are the ones committed (they regenerate on any
   # CPU machine); other presets keep theirs apart so the two never mix.
   out = args.out or os.path.join("results", name, *([] if args.preset == "quick" else [args.preset]))
-  points = [dataclasses.replace(p, overrides={**p.overrides, **extra}) for p in grids[args.preset]()]
+  points = with_out([dataclasses.replace(p, overrides={**p.overrides, **extra}) for p in grids[args.preset]()], out)
   check_grid(points)
   os.makedirs(out, exist_ok=True)
   index, count = parse_shard(args.shard)
@@ -336,11 +404,16 @@ def main(name: str, grids: dict[str, Callable[[], list[Point]]], plot: Callable[
   if args.list:
     for i, p in enumerate(points):
       done = os.path.exists(os.path.join(point_dir(out, p), RECORD))
-      print(f"{i:3d} {'done' if done else '    '} {'*' if p in mine else ' '} {p.name}"
+      state = "stale" if stale_reason(out, p) else "done" if done else ""
+      print(f"{i:3d} {state:5s} {'*' if p in mine else ' '} {p.name}"
             + (f"  budget={p.budget}{' (grow)' if p.grow else ''}" if p.budget else ""))
     return 0
   failed: list[str] = []
   if not args.plot:
+    for p in mine:
+      reason = stale_reason(out, p)
+      if reason:
+        move_stale(out, p, reason)
     todo = [p for p in mine if not os.path.exists(os.path.join(point_dir(out, p), RECORD))]
     print(f"{name} ({args.preset}): {len(points)} points, shard {index}/{count} has {len(mine)}, "
           f"{len(mine) - len(todo)} finished, {len(todo)} to run; records in {out}", file=sys.stderr)
