@@ -141,7 +141,7 @@ def _int8_sparse_bytes(params, masks, pruning, weight_axes) -> int:
 
 def record_extra(config, result: dict) -> dict:
   """Stored bytes, the step's arguments by part, the evaluation of eval-only rows, decode-path scores, exports."""
-  from wm import config as config_lib, generate, step as step_lib, train
+  from wm import config as config_lib, evaluation, generate, step as step_lib
   from wm.compress import prune
   from wm.memory import estimate, measure
 
@@ -151,7 +151,7 @@ def record_extra(config, result: dict) -> dict:
   if config.quant.weights == "int8":  # the same model's float parameters, for its float-weight line
     extra["param_bytes_float"] = estimate.serving_bytes(config_lib.override(config, {"quant.weights": "none"}))["params"]
   if config.train.steps == 0:  # train_and_evaluate trains and scores nothing at 0 steps: score the parameters
-    extra["eval"] = train.evaluate(config, setup, state, step_lib.make_eval_step(setup))
+    extra["eval"] = evaluation.evaluate(config, setup, state, step_lib.make_eval_step(setup))
   if config.quant.state:  # the row sets the generation state: score it where it is used, in decoding
     extra["decoded"] = generate.evaluate_decoded(config, state)
     if config.quant.state != "float32":

@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from wm import config as config_lib
-from wm import parallel, step as step_lib, train
+from wm import evaluation, parallel, step as step_lib
 from wm.compress import quant
 from wm.models import layers
 
@@ -85,7 +85,7 @@ def decode_metrics(model: nnx.Module, batch: dict, key: jax.Array | None = None)
 
 def evaluate_decoded(config: ml_collections.ConfigDict, state: step_lib.State,
                      state_dtype: str | None = None) -> dict:
-  """`train.evaluate` of a train state (same examples, same metrics), scored through the decode path.
+  """`evaluation.evaluate` of a train state (same examples, same metrics), scored through the decode path.
 
   Args:
     config: the run's config; its evaluation sample (`train.eval_batches`) is the one scored.
@@ -95,7 +95,7 @@ def evaluate_decoded(config: ml_collections.ConfigDict, state: step_lib.State,
   if state_dtype is not None:
     config = config_lib.override(config, {"quant.state": state_dtype})
   setup = step_lib.make_setup(config)
-  return train.evaluate(config, setup, state, step_lib.make_eval_step(setup, score=decode_metrics))
+  return evaluation.evaluate(config, setup, state, step_lib.make_eval_step(setup, score=decode_metrics))
 
 
 def sample_tokens(model: nnx.Module, prompt: np.ndarray, length: int, key: jax.Array,
