@@ -54,11 +54,13 @@ import sys
 
 from wm import sweep
 
+# spm_seq_len: the text baseline's T (128 quick, 512 full) times the 0.41 tokens per byte that spm:1024 gives
+# the stdlib corpus (docs/data.md), so a subword sequence covers about the bytes of a byte-level one.
 SETTINGS = {
     "quick": dict(text="configs/text_transformer.py:quick", mqar="configs/mqar_transformer.py:quick", steps=300,
-                  mqar_steps=600, prune=(50, 200, 50), lora_steps=100, extra={"mesh.num_devices": 1}),
+                  mqar_steps=600, prune=(50, 200, 50), lora_steps=100, spm_seq_len=53, extra={"mesh.num_devices": 1}),
     "full": dict(text="configs/text_transformer.py", mqar="configs/mqar_transformer.py", steps=20_000,
-                 mqar_steps=20_000, prune=(2_000, 14_000, 1_000), lora_steps=2_000, extra={}),
+                 mqar_steps=20_000, prune=(2_000, 14_000, 1_000), lora_steps=2_000, spm_seq_len=210, extra={}),
 }
 
 # The baseline's workdir, where evaluation rows and the LoRA fine-tune read its parameters (wm.sweep.with_out).
@@ -94,6 +96,10 @@ def _rows(s: dict) -> list[tuple[str, str, str, dict]]:
                                                                      "model.share_layers": 2}),
       ("text", "int8_weights+kv_int8", "int8 weights + int8 KV cache",
        from_text(**{"quant.weights": "int8", "quant.state": "int8"})),
+      # Subword tokens with each sequence covering about the baseline's bytes of text, so the row trains on
+      # as many bytes and its sequence length (activations, KV cache) shrinks by the tokens per byte.
+      ("text", "spm_1024", "subword tokens (SentencePiece BPE, 1024)",
+       {"data.tokenizer": "spm:1024", "data.seq_len": s["spm_seq_len"]}),
       ("mqar", "mqar_baseline", "baseline (float32, AdamW)", {"quant.state": "float32"}),
       ("mqar", "mqar_kv_int8", "KV cache int8", {"train.init_from": FROM_MQAR, **evaluate, "quant.state": "int8"}),
       ("mqar", "mqar_int8_weights", "int8 weights (post-training)",
@@ -241,6 +247,9 @@ def table_rows(records: list[dict], section: str) -> tuple[list[list], list[dict
         quality += f" (f32 cache {line['vs_f32_cache']:.4f})"
       sparsity = r["eval"].get("sparsity")
       technique = line["technique"] + (f" (sparsity {sparsity:.3f})" if sparsity is not None else "")
+      per_byte = r["eval"].get("tokens_per_byte")
+      if per_byte is not None and abs(per_byte - 1) > 1e-9:  # subword rows: their shorter sequences
+        technique += f" ({per_byte:.3f} tokens/byte, T={r['overrides'].get('data.seq_len')})"
       rows.append([technique, _mib(line["params"]), _ratio(line["params"], base_line["params"]),
                    _mib(r["estimate_bytes"]), _mib(r["compiled_bytes"]),
                    f"{_mib(r['estimate_terms']['optimizer'])} / {_mib(opt)}", _ratio(opt, base_opt),

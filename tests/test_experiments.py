@@ -112,14 +112,18 @@ def test_technique_rows_change_one_lever_of_the_baseline(preset):
     shared = lambda c: (c.data.to_dict(), c.train.eval_batches, c.seed, {k: v for k, v in c.model.items()
                                                                         if k not in ("share_layers", "lora_rank")})
     for p in rows:
-      assert {k for k in set(p.overrides) ^ set(base.overrides) if not k.startswith(levers)} == set(), p.name
-      assert shared(validated(p)) == shared(validated(base)), p.name
+      # The subword row's lever is the data's tokens: shorter sequences over about the same bytes of text.
+      data = ("data.tokenizer", "data.seq_len") if p.name.startswith("spm") else ()
+      assert {k for k in set(p.overrides) ^ set(base.overrides) if not k.startswith(levers + data)} == set(), p.name
+      same = lambda c, p=p: (({k: v for k, v in c[0].items() if k not in ("tokenizer", "seq_len", "vocab_size")},
+                              *c[1:]) if p.name.startswith("spm") else c)
+      assert same(shared(validated(p))) == same(shared(validated(base))), p.name
       source = p.overrides.get("train.init_from")
       if source:  # reads the baseline's checkpoint: the baseline runs first, and eval rows train nothing
         assert source == f"{{out}}/runs/{base_name}" and names.index(p.name) > names.index(base_name)
         assert p.overrides["train.steps"] == 0 or p.overrides.get("model.lora_rank")
   assert {"kv_bfloat16", "kv_int8", "kv_float8_e4m3fn", "int8_weights", "qat_int8", "adamw8bit", "prune_50",
-          "prune_2of4", "share_layers_2", "lora_r8"} <= set(names)
+          "prune_2of4", "share_layers_2", "lora_r8", "spm_1024"} <= set(names)
 
 
 # ---------------------------------------------------------------------------
@@ -266,6 +270,8 @@ def test_techniques_plot(tmp_path):
       r["decoded"] = {**ev, **({"nll": ev["nll"] * 1.02, "bits_per_byte": 1.6 * 1.02} if kind != "float32" else {})}
       if kind != "float32":
         r["decoded_float32"] = ev
+    if "data.tokenizer" in o:
+      r["eval"]["tokens_per_byte"] = 0.41
     if "prune.method" in o:
       r["eval"]["sparsity"] = 0.5
       r["export"] = {"bytes": 2**19, "dense_bytes": 2**20, "ratio": 0.5}
@@ -275,8 +281,8 @@ def test_techniques_plot(tmp_path):
   tech.plot(records, str(tmp_path), "quick")
   text = outputs(tmp_path, ["techniques"])
   table = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
-  # 16 points: QAT and 2:4 give a float and an int8 line, each baseline its decode-path line, MQAR a heading.
-  assert len(table) == 16 + 2 + 2 + 1
+  # 17 points: QAT and 2:4 give a float and an int8 line, each baseline its decode-path line, MQAR a heading.
+  assert len(table) == 17 + 2 + 2 + 1
   heading = next(i for i, line in enumerate(table) if "MQAR" in line)
   row = {line.split(" | ")[0][2:]: line.split(" | ") for line in table[:heading]}  # the text section
   mqar = {line.split(" | ")[0][2:]: line.split(" | ") for line in table[heading + 1:]}
@@ -288,3 +294,4 @@ def test_techniques_plot(tmp_path):
   assert row["KV cache int8"][7:9] == ["64.0", "0.250"]
   assert row["KV cache int8"][10].startswith("1.6320 (f32 cache 1.6000) [decode path]")
   assert row["QAT, int8 weights"][-1] == "1.010 |"
+  assert "subword tokens (SentencePiece BPE, 1024) (0.410 tokens/byte, T=53)" in row
