@@ -256,6 +256,35 @@ def test_generous_budget_picks_no_remat_and_one_microbatch():
   assert result.compiled["total_bytes"] <= 2**40
 
 
+def test_planner_shares_layers_only_when_allowed_and_needed():
+  config = tiny(d=256, batch=1, length=8)  # parameters and AdamW's moments are most of the step
+  with pytest.raises(plan_lib.BudgetTooSmall, match="budget_allow") as refused:
+    plan_lib.plan(config, 2**20, num_devices=1)
+  budget = int(0.8 * refused.value.smallest)  # 20% below anything remat, microbatches or the mesh reach
+  with pytest.raises(plan_lib.BudgetTooSmall):
+    plan_lib.plan(config, budget, num_devices=1)
+  allowed = config_lib.validate(config_lib.override(config, {"train.budget_allow": "adamw8bit,share_layers"}))
+  result = plan_lib.plan(allowed, budget, num_devices=1)
+  assert result.config.model.share_layers == 2 and dict(result.chosen.levers)["model.share_layers"] == 2
+  assert result.compiled is not None and result.compiled["bound_bytes"] <= budget
+  # With room to spare no lever is used: they change what is trained, not only its bytes.
+  assert plan_lib.plan(allowed, 2**40, num_devices=1).chosen.levers == ()
+
+
+def test_planner_scores_8bit_adam_candidates_with_their_own_bytes():
+  config = config_lib.validate(config_lib.override(tiny(d=256, batch=16, length=32),
+                                                   {"train.budget_allow": "adamw8bit"}))
+  every = plan_lib.candidates(config, 1)
+  assert len(every) == 2 * len(plan_lib.candidates(tiny(d=256, batch=16, length=32), 1))
+  plain = lambda c: (c.policy, c.microbatches, c.attention) == ("none", 1, "xla")
+  [float_adam] = [c for c in every if plain(c) and not c.levers]
+  [adam8] = [c for c in every if plain(c) and c.levers]
+  assert adam8.overrides()["optim.name"] == "adamw8bit"
+  assert adam8.estimate.optimizer < float_adam.estimate.optimizer / 3  # the state kept between steps
+  # ... but the update dequantizes the moments, so the step's peak does not fall (docs/compression.md).
+  assert adam8.estimate.detail["optimizer_dequantized"] > 0
+
+
 def test_planner_choice_compiles_within_the_budget():
   config = tiny(length=64)
   none = compiled(length=64)["total_bytes"]

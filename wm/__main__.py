@@ -75,6 +75,8 @@ def define_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
       ("string", "workdir", None, "records and checkpoints (train, generate, export)"),
       ("string", "out", None, "export: the new workdir for the merged model"),
       ("string", "budget", None, "per-device training-memory budget, e.g. 2GiB (train, memory)"),
+      ("string", "allow", None, "with --budget: levers the planner may add, e.g. adamw8bit,share_layers "
+                                "(the same as --config.train.budget_allow)"),
       ("integer", "devices", None, "memory: plan for this many devices (CPU host devices are faked)"),
       ("bool", "json", False, "memory/compile: print JSON instead of a table"),
       ("string", "topology", None, "compile: TPU topology such as v5e:2x2 or v5p:2x2x1"),
@@ -217,6 +219,8 @@ def _check_args(verb: str, args: flags.FlagValues) -> str | None:
     return f"--tokenizer applies to prepare and train, not {verb} (set --config.data.tokenizer)"
   if (args.target or args.explain or args.grow) and verb != "memory":
     return f"--target, --explain and --grow apply to memory, not {verb}"
+  if args.allow and not args.budget:
+    return "--allow needs --budget: it names levers the memory planner may add to fit one"
   if args.grow and not args.budget:
     return "--grow needs --budget: the model grows to the largest that fits it"
   if args.grow and args.target:
@@ -246,6 +250,8 @@ def main(argv: list[str]) -> int:
   config = args.config  # loaded and overridden by config_flags; judged here by wm.config
   if args.budget:
     config = config_lib.override(config, {"train.budget": args.budget})
+  if args.allow:
+    config = config_lib.override(config, {"train.budget_allow": args.allow})
   if args.tokenizer:
     config = config_lib.override(config, {"data.tokenizer": args.tokenizer})
   config = config_lib.validate(config)

@@ -16,14 +16,14 @@ base_config`): which file holds a function is this package's business.
 """
 
 from wm.config.loading import load, override
-from wm.config.schema import (DTYPES, KL_SCHEDULES, MESH_AXES, MODELS, NONFINITE_ACTIONS, OPTIMIZERS,
+from wm.config.schema import (BUDGET_LEVERS, DTYPES, KL_SCHEDULES, MESH_AXES, MODELS, NONFINITE_ACTIONS, OPTIMIZERS,
                               PRUNE_METHODS, QAT_MODES, QUANT_WEIGHTS, SCHEDULES, STATE_DTYPES, TASKS,
                               ConfigError, base_config)
 from wm.config.sizes import format_bytes, parse_bytes
 from wm.config.validation import check_schema, remat_tags, validate
 
 __all__ = [
-    "DTYPES", "KL_SCHEDULES", "MESH_AXES", "MODELS", "NONFINITE_ACTIONS", "OPTIMIZERS", "PRUNE_METHODS",
+    "BUDGET_LEVERS", "DTYPES", "KL_SCHEDULES", "MESH_AXES", "MODELS", "NONFINITE_ACTIONS", "OPTIMIZERS", "PRUNE_METHODS",
     "QAT_MODES", "QUANT_WEIGHTS", "SCHEDULES", "STATE_DTYPES", "TASKS", "ConfigError", "base_config",
     "check_schema", "format_bytes", "load", "override", "parse_bytes", "remat_tags", "validate",
 ]

@@ -20,6 +20,7 @@ STATE_DTYPES = ("float32", "bfloat16", "int8", "float8_e4m3fn")  # quant.state, 
 PRUNE_METHODS = ("", "magnitude", "2:4", "n:m")  # prune.method; "" = off
 KL_SCHEDULES = ("constant", "linear", "logistic", "cyclical")
 NONFINITE_ACTIONS = ("stop", "skip_batch")
+BUDGET_LEVERS = ("adamw8bit", "share_layers")  # train.budget_allow
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
@@ -171,6 +172,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.max_skipped_in_row = 10  # skip_batch: stop once this many consecutive steps were non-finite
   t.progress = True  # tqdm progress bar on process 0
   t.budget = ""  # per-device training-memory budget (e.g. "2GiB"); the planner fits the run to it
+  # Levers the planner may add when nothing fits without them, comma-separated from BUDGET_LEVERS: "adamw8bit"
+  # (AdamW's moments in 8 bits) and "share_layers" (layers share weights: a smaller model class, so opt-in).
+  t.budget_allow = ""
   # A pretrained run's workdir: a fresh run starts from the parameters of its latest verified checkpoint
   # (not its optimizer state or step); "" = random init. Ignored once this run has checkpoints of its own.
   t.init_from = ""

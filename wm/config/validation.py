@@ -11,7 +11,7 @@ import math
 
 import ml_collections
 
-from wm.config.schema import (DTYPES, KL_SCHEDULES, MESH_AXES, MODELS, NONFINITE_ACTIONS, OPTIMIZERS,
+from wm.config.schema import (BUDGET_LEVERS, DTYPES, KL_SCHEDULES, MESH_AXES, MODELS, NONFINITE_ACTIONS, OPTIMIZERS,
                               PRUNE_METHODS, QAT_MODES, QUANT_WEIGHTS, SCHEDULES, STATE_DTYPES, TASKS,
                               ConfigError, base_config)
 from wm.config.sizes import parse_bytes
@@ -172,6 +172,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _need(t.max_skipped_in_row >= 1, "train.max_skipped_in_row", f"must be >= 1, got {t.max_skipped_in_row}")
   if t.budget:
     parse_bytes(t.budget)  # raises a ConfigError naming the format
+  for lever in filter(None, (x.strip() for x in t.budget_allow.split(","))):
+    _need(lever in BUDGET_LEVERS, "train.budget_allow",
+          f"{lever!r} is not a lever the planner can add; use a comma-separated subset of {BUDGET_LEVERS}")
   return config
 
 

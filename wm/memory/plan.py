@@ -23,6 +23,19 @@ Search space:
   precision           fixed: the config's param/compute dtypes are a modelling
                       choice (bf16 changes the numbers, not just the bytes), so
                       the planner does not change them.
+  train.budget_allow  levers the user allows on top (BUDGET_LEVERS):
+                      "adamw8bit" turns AdamW into 8-bit AdamW (moments in 8
+                      bits, Dettmers et al. 2022); "share_layers" puts groups
+                      of g consecutive layers on one weight set (every g that
+                      divides the layers; ALBERT, Lan et al. 2020). Both change
+                      what is trained, not only its bytes, so they are used only
+                      where they make the step fit or let a cheaper one fit
+                      (less recomputation, fewer microbatches); between equal
+                      costs the candidate with fewer of them wins. 8-bit AdamW
+                      shrinks the state kept between steps but not, today, the
+                      step's peak: its update dequantizes every moment at once
+                      (wm/compress/adam8bit.py), which the estimate counts, so
+                      the planner takes it only where that nets a saving.
 
 Cost model (lower is better), in FLOP-equivalents per device per step:
 
@@ -95,11 +108,12 @@ class Candidate:
   comm_bytes: float  # per device per step
   cost: float
   attention: str | None = None  # model.attention (None: the model has no attention, or the config's is kept)
+  levers: tuple[tuple[str, Any], ...] = ()  # allowed levers this candidate adds (train.budget_allow), as overrides
 
   def overrides(self) -> dict[str, Any]:
     out = {"remat.policy": self.policy, "optim.microbatches": self.microbatches,
            "remat.time_chunk": self.time_chunk, "mesh.data": self.mesh["data"], "mesh.fsdp": self.mesh["fsdp"],
-           "mesh.tensor": self.mesh["tensor"]}
+           "mesh.tensor": self.mesh["tensor"], **dict(self.levers)}
     if self.attention:
       out["model.attention"] = self.attention
     return out
@@ -107,12 +121,13 @@ class Candidate:
   def describe(self) -> str:
     chunk = f", time_chunk {self.time_chunk}" if self.time_chunk else ""
     chunk += f", attention {self.attention}" if self.attention else ""
+    chunk += "".join(f", {field} {value}" for field, value in self.levers)
     return (f"remat {self.policy}, {self.microbatches} microbatch{'es' if self.microbatches > 1 else ''}{chunk}, "
             f"mesh data={self.mesh['data']} fsdp={self.mesh['fsdp']} tensor={self.mesh['tensor']}")
 
   def record(self) -> dict[str, Any]:
     return {"remat_policy": self.policy, "microbatches": self.microbatches, "time_chunk": self.time_chunk,
-            "attention": self.attention,
+            "attention": self.attention, "levers": dict(self.levers),
             "mesh": dict(self.mesh), "estimate_bytes": self.estimate.total, "phase": self.estimate.phase,
             "terms": {t: getattr(self.estimate, t) for t in estimate_lib.TERMS},
             "flops": self.flops, "comm_bytes": self.comm_bytes, "cost": self.cost}
@@ -292,6 +307,18 @@ def cost(config: ml_collections.ConfigDict, policy: str, microbatches: int, time
 # Planning
 # ---------------------------------------------------------------------------
 
+def allowed_levers(config: ml_collections.ConfigDict) -> list[tuple[tuple[str, Any], ...]]:
+  """Every combination of the levers train.budget_allow permits for this config, none first."""
+  allow = {x.strip() for x in config.train.budget_allow.split(",") if x.strip()}
+  optimizers: list[tuple[tuple[str, Any], ...]] = [()]
+  if "adamw8bit" in allow and config.optim.name == "adamw":
+    optimizers.append((("optim.name", "adamw8bit"),))
+  sharing: list[tuple[tuple[str, Any], ...]] = [()]
+  if "share_layers" in allow and config.model.name in ("lstm", "transformer") and config.model.share_layers == 1:
+    sharing += [(("model.share_layers", g),) for g in _divisors(config.model.layers) if g > 1]
+  return [o + s for o in optimizers for s in sharing]
+
+
 def with_choice(config: ml_collections.ConfigDict, candidate: Candidate) -> ml_collections.ConfigDict:
   return config_lib.validate(config_lib.override(config, candidate.overrides()))
 
@@ -301,15 +328,17 @@ def candidates(config: ml_collections.ConfigDict, num_devices: int | None = None
   """Every candidate of the search space with its estimate and cost (unsorted)."""
   n = num_devices or config.mesh.num_devices or jax.device_count()
   out = []
-  for mesh in meshes(config, n):
-    for m in microbatch_counts(config, mesh):
-      for chunk in time_chunks(config):
-        for attention in attentions(config):
-          for policy in policies(config):
-            levers = activations.Levers(policy, m, chunk, tuple(sorted(mesh.items())), attention=attention)
-            est = estimate_lib.estimate(config, n, backend=backend, levers=levers)
-            flops, comm, score = cost(config, policy, m, chunk, mesh, est, attention)
-            out.append(Candidate(policy, m, chunk, dict(mesh), est, flops, comm, score, attention))
+  for added in allowed_levers(config):
+    variant = config_lib.validate(config_lib.override(config, dict(added))) if added else config
+    for mesh in meshes(variant, n):
+      for m in microbatch_counts(variant, mesh):
+        for chunk in time_chunks(variant):
+          for attention in attentions(variant):
+            for policy in policies(variant):
+              levers = activations.Levers(policy, m, chunk, tuple(sorted(mesh.items())), attention=attention)
+              est = estimate_lib.estimate(variant, n, backend=backend, levers=levers)
+              flops, comm, score = cost(variant, policy, m, chunk, mesh, est, attention)
+              out.append(Candidate(policy, m, chunk, dict(mesh), est, flops, comm, score, attention, added))
   return out
 
 
@@ -320,7 +349,9 @@ def plan(config: ml_collections.ConfigDict, budget_bytes: int, num_devices: int 
 
   Args:
     config: a validated config; its model, data shapes, precision and
-      optimizer are kept, its remat, microbatches and mesh split are chosen.
+      optimizer are kept, its remat, microbatches and mesh split are chosen
+      (and, only where nothing fits without them, the levers
+      train.budget_allow permits).
     budget_bytes: per-device budget.
     num_devices: devices to plan for (default: config.mesh.num_devices, else
       all devices JAX sees).
@@ -352,11 +383,15 @@ def plan(config: ml_collections.ConfigDict, budget_bytes: int, num_devices: int 
   if not every:
     raise ValueError(f"no mesh of {n} devices fits the parameter shapes of {config.model.name}")
   usable = budget_bytes * (1.0 - reserve)
-  fitting = sorted((c for c in every if c.estimate.total <= usable), key=lambda c: (c.cost, c.estimate.total))
+  # The cost model first; between equal costs fewer allowed levers (they change what is trained).
+  fitting = sorted((c for c in every if c.estimate.total <= usable),
+                   key=lambda c: (c.cost, len(c.levers), c.estimate.total))
   if not fitting:
     smallest_candidate = min(every, key=lambda c: c.estimate.total)
     smallest = _with_reserve(smallest_candidate, reserve)
     dom = smallest_candidate.estimate.dominant()
+    model_state_terms = ("params", "grads", "optimizer")
+    states = sum(getattr(smallest_candidate.estimate, t) for t in model_state_terms)
     raise BudgetTooSmall(
         f"budget {format_bytes(budget_bytes)} per device is too small for this {config.model.name} "
         f"({config.model.layers} layers, d={config.model.d}, batch {config.data.batch_size} x "
@@ -365,7 +400,9 @@ def plan(config: ml_collections.ConfigDict, budget_bytes: int, num_devices: int 
         f"({smallest_candidate.describe()}), dominated by {dom} "
         f"({format_bytes(getattr(smallest_candidate.estimate, dom))}). With the planner's {100 * reserve:.0f}% "
         f"reserve ({backend} calibration), a budget of at least {format_bytes(smallest)} ({smallest} bytes) would fit"
-        + ("; or add devices to shard the model states." if dom in ("params", "grads", "optimizer") else "."),
+        + ("; or add devices to shard the model states" if dom in model_state_terms else "")
+        + ("; or let the planner use 8-bit AdamW or shared layers (train.budget_allow=adamw8bit,share_layers)"
+           if not config.train.budget_allow and states >= smallest_candidate.estimate.total / 2 else "") + ".",
         budget=budget_bytes, smallest=smallest, dominant=dom, candidate=smallest_candidate)
 
   rejected: list[dict[str, Any]] = []
