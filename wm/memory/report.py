@@ -263,7 +263,7 @@ def table(data: dict[str, Any]) -> str:
     lines += ["", f"plan for a budget of {format_bytes(p['budget_bytes'])} per device "
                   f"({p['fitting']} of {p['considered']} candidates fit by estimate):",
               f"  chosen: remat {ch['remat_policy']}, microbatches {ch['microbatches']}, time_chunk {ch['time_chunk']}, "
-              f"mesh {ch['mesh']}",
+              f"mesh {ch['mesh']}" + "".join(f", {k} {v}" for k, v in (ch.get("levers") or {}).items()),
               f"  estimate {format_bytes(ch['estimate_bytes'])}, compiled "
               + (format_bytes(compiled_total) if compiled_total is not None else f"- ({p['confirm_note']})")
               + f", margin {format_bytes(p['margin_bytes'])}"]
