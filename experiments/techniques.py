@@ -35,11 +35,12 @@ optimizer state), `decoded` / `decoded_float32` (evaluation through the decode
 path), and for pruned rows `export` (prune.export_sparse's bytes of the
 float weights; `export_int8` for the int8 codes, plus their scales).
 
-Presets (run time an estimate, not measured):
+Presets:
   quick  text 300 steps (pruned from step 50 to 200 every 50, then 100 steps
-         to recover), LoRA 100 steps from the baseline, MQAR 600 steps; seven
-         trained text runs of about 3 minutes each on 2 idle CPU cores, the
-         rest evaluations: about 40 minutes in all.
+         to recover), LoRA 100 steps from the baseline, MQAR 600 steps; the
+         committed records' wall times (training only, `wall_seconds`) add up
+         to 18 minutes on 2 shared CPU cores, plus each point's compile and
+         measurements.
   full   the configs' own sizes and steps (text: 20k steps, d=384, T=512),
          pruned from 2k to 14k every 1k steps, LoRA 2k steps.
 

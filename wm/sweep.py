@@ -152,17 +152,18 @@ def identity(point: Point) -> dict[str, Any]:
                                 "grow": point.grow}, default=str))
 
 
-def stale_reason(out: str, point: Point) -> str | None:
+def stale_reason(out: str, point: Point, record: dict[str, Any] | None = None) -> str | None:
   """Why the point's directory on disk belongs to another grid, or None when it is this point's (or absent).
 
   resolved.json (written when a point first starts) carries the identity;
   records from before it did are compared on their config, overrides and
-  budget, which every record has.
+  budget, which every record has. `record`: the point's record.json when the
+  caller has already read it.
   """
   workdir = point_dir(out, point)
   want = identity(point)
   for name in (RESOLVED, RECORD):
-    saved = _read_json(os.path.join(workdir, name))
+    saved = record if name == RECORD and record is not None else _read_json(os.path.join(workdir, name))
     if saved is None:
       continue
     have = saved.get("point") if name == RESOLVED else {k: saved.get(k) for k in ("config", "overrides", "budget")}
@@ -200,7 +201,7 @@ def read_records(out: str, points: Sequence[Point] | None = None) -> list[dict[s
   records = []
   for i, name in enumerate(names):
     record = _read_json(os.path.join(runs, name, RECORD))
-    if record is not None and points is not None and stale_reason(out, points[i]):
+    if record is not None and points is not None and stale_reason(out, points[i], record):
       continue  # another grid's result under this name: never drawn as this grid's (a run moves it aside)
     if record is not None:
       records.append(record)
