@@ -1,6 +1,6 @@
 """Faults a long run meets, injected on purpose; after each, no work may be lost.
 
-kill -9 (also during a save), corrupted / truncated / half-deleted checkpoints,
+kill -9 (also during a save), a preemption notice (SIGTERM), corrupted / truncated / half-deleted checkpoints,
 non-finite losses, two runs on one workdir, stale locks, a full disk during a
 save, and a fuzz of bad configs and command lines. Where a run resumes, its
 final parameters are compared bitwise with an uninterrupted run's.
@@ -304,6 +304,9 @@ try:
 except cli.user_errors() as e:
   print(f"error: {e}", file=sys.stderr)
   sys.exit(2)
+except train.Preempted as e:  # as wm.__main__.run reports it
+  print(e, file=sys.stderr)
+  sys.exit(143)
 """
 
 
@@ -351,6 +354,71 @@ def test_kill_9_anywhere_then_resume_is_bitwise_exact(data_root, reference, tmp_
   assert resumed["step"] == STEPS
   assert_bitwise(resumed["state"], reference)
   assert_each_step_once(str(workdir), STEPS)
+
+
+def test_sigterm_during_a_run_saves_that_step_and_exits_143(data_root, tmp_path):
+  workdir = tmp_path / "run"
+  # No periodic checkpoint before the end: whatever is on disk was saved for the signal.
+  proc = _launch(data_root, workdir, 5000, "train.checkpoint_every=10000", "train.log_every=10")
+  deadline = time.time() + 300
+  while proc.poll() is None and time.time() < deadline and not (workdir / "metrics.jsonl").exists():
+    time.sleep(0.05)
+  while proc.poll() is None and time.time() < deadline and not any(
+      r["split"] == "train" for r in read_records(str(workdir))):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 143, err
+  saved = ckpt_lib.steps(str(workdir / "checkpoints"))
+  assert len(saved) == 1 and 10 <= saved[0] < 5000, saved
+  assert f"stopped by SIGTERM after step {saved[0]}" in err and "rerun the same command" in err
+  assert "Traceback" not in err
+  assert ckpt_lib.has_manifest(str(workdir / "checkpoints" / str(saved[0])))
+  last = read_records(str(workdir))[-1]
+  assert last["step"] == saved[0] and last.get("stopped") == "preempted"
+  assert not (workdir / "lock").exists()
+
+
+class _Terminated:
+  """The train iterator, sending this process SIGTERM while it hands out the batch of step `at`."""
+
+  def __init__(self, inner, at):
+    self.inner, self.at, self.count = inner, at, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    self.count += 1
+    if self.count == self.at:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return next(self.inner)
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+
+
+def test_sigterm_then_resume_is_bitwise_exact(data_root, reference, tmp_path, monkeypatch):
+  import threading
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip("the SIGTERM handler can only be installed from the main thread")
+  workdir = tmp_path / "run"
+  make = pipeline.make_iterator
+  monkeypatch.setattr(pipeline, "make_iterator", lambda config, split, **kw: (
+      _Terminated(make(config, split, **kw), 13) if split == "train" else make(config, split, **kw)))
+  with pytest.raises(train.Preempted, match="after step 13; checkpoint 13 is saved"):
+    train.train_and_evaluate(config_for(data_root), str(workdir))
+  monkeypatch.undo()
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler lives only as long as the loop
+  assert ckpt_lib.steps(str(workdir / "checkpoints")) == [5, 10, 13]
+  resumed = train.train_and_evaluate(config_for(data_root), str(workdir))
+  assert resumed["step"] == STEPS
+  assert_bitwise(resumed["state"], reference)
+  lines = [r for r in read_records(str(workdir)) if r["split"] == "train"]
+  assert [(r["step"], r.get("stopped")) for r in lines] == [(10, None), (13, "preempted"), (20, None), (30, None)]
 
 
 def test_two_runs_at_once_exactly_one_trains(data_root, tmp_path):

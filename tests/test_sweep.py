@@ -105,6 +105,21 @@ def test_an_interrupted_point_resumes_from_its_checkpoint(config_spec, tmp_path)
   assert steps == [2, 4, 6]  # resumed at 3: nothing trained twice
 
 
+def test_a_preempted_point_stops_the_grid_and_is_not_a_failure(config_spec, tmp_path, monkeypatch):
+  from wm import preemption
+  out = tmp_path / "exp"
+  ran = []
+
+  def preempted(point, out, extra=None):
+    ran.append(point.name)
+    raise preemption.Preempted(2, "somewhere")
+
+  monkeypatch.setattr(sweep, "run_point", preempted)
+  assert run(config_spec, out) == 143
+  assert ran == ["transformer"]  # the rest of the grid does not start on a machine that is going away
+  assert not any(f.endswith(sweep.ERROR) for f in files_and_sizes(out))  # a rerun resumes it as unfinished
+
+
 def test_a_point_whose_settings_changed_is_moved_aside_and_rerun(config_spec, tmp_path, capsys):
   out = str(tmp_path / "exp")
   old = grid(config_spec)[2]

@@ -309,8 +309,10 @@ def run(argv: list[str] | None = None) -> int:
   """The console entry point: `main` with one clean message (no traceback) for bad input.
 
   Exit codes: 0 success, 1 the run failed (non-finite loss, budget not met),
-  2 bad input, 130 interrupted. WM_TRACEBACK=1 in the environment shows the
-  traceback of a bad-input error too (for debugging wm itself).
+  2 bad input, 130 interrupted, 143 stopped by SIGTERM after checkpointing
+  (wm.preemption; rerun the same command to resume). WM_TRACEBACK=1 in the
+  environment shows the traceback of a bad-input error too (for debugging wm
+  itself).
   """
   argv = sys.argv[1:] if argv is None else argv
   try:
@@ -332,6 +334,9 @@ def run(argv: list[str] | None = None) -> int:
     if isinstance(e, train.NonFiniteLoss):
       print(f"error: {e}", file=sys.stderr)
       return 1
+    if isinstance(e, train.Preempted):
+      print(e, file=sys.stderr)
+      return 143
     if isinstance(e, user_errors()) and not os.environ.get("WM_TRACEBACK"):
       print(f"error: {_one_line(e)}", file=sys.stderr)
       return 2

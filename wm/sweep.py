@@ -21,7 +21,9 @@ for the others (`--out` changes the root):
 
 Resumption. A point whose record.json exists is skipped; a point that was
 interrupted (killed, preempted, out of time) resumes from its latest
-checkpoint, because `wm.train.train_and_evaluate` does. The config it trains
+checkpoint, because `wm.train.train_and_evaluate` does. On SIGTERM the point
+in progress saves the step it finished (wm.preemption) and the grid stops
+with exit code 143; rerunning the same command continues it. The config it trains
 is fixed in resolved.json the first time the point starts, so a resumed point
 never re-plans into a different model.
 
@@ -420,11 +422,17 @@ def main(name: str, grids: dict[str, Callable[[], list[Point]]], plot: Callable[
           f"{len(mine) - len(todo)} finished, {len(todo)} to run; records in {out}", file=sys.stderr)
     from tqdm import tqdm
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="point", dynamic_ncols=True)
+    from wm import preemption
     failed = []
     for p in todo:
       bar.set_description(p.name)
       try:
         record = run_point(p, out, record_extra)
+      except preemption.Preempted as e:  # the machine is going away: stop the grid, not just this point
+        bar.close()
+        write_runs_jsonl(out, points)
+        print(f"{p.name}: {e}", file=sys.stderr)
+        return 143
       except Exception as e:  # one point's failure must not cost the rest of the grid  # pylint: disable=broad-except
         failed.append(p.name)
         message = f"{type(e).__name__}: {e}"

@@ -43,7 +43,7 @@ from absl import logging
 from wm import checkpoints as ckpt_lib
 from wm import config as config_lib
 from wm import evaluation, finetune
-from wm import parallel, resume, step as step_lib
+from wm import parallel, preemption, resume, step as step_lib
 from wm import workdir as workdir_lib
 from wm.data import pipeline
 from wm.memory import measure
@@ -51,6 +51,9 @@ from wm.memory import measure
 
 IncompatibleWorkdir = workdir_lib.IncompatibleWorkdir
 WorkdirError = workdir_lib.WorkdirError
+
+
+Preempted = preemption.Preempted
 
 
 class NonFiniteLoss(RuntimeError):
@@ -81,6 +84,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     NonFiniteLoss: the loss or gradient became non-finite (after
       `train.max_skipped_in_row` in a row with `on_nonfinite=skip_batch`);
       the checkpoints hold finite state only.
+    Preempted: SIGTERM arrived (a preemption notice); the step in progress
+      finished and was checkpointed, and the next call resumes from it.
   """
   config = config_lib.validate(config)
   workdir_lib.check_path(workdir)
@@ -195,7 +200,9 @@ def _loop(config, setup, workdir, state, start, train_iter, train_step, eval_ste
     bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
   window, t_window = [], time.perf_counter()
   step = start
+  watch = preemption.Watch()
   try:
+    watch.__enter__()
     for step in range(start + 1, total + 1):
       local = next(train_iter)
       state, metrics = train_step(state, step_lib.global_batch(setup, local))
@@ -217,13 +224,24 @@ def _loop(config, setup, workdir, state, start, train_iter, train_step, eval_ste
         last_eval = evaluation.evaluate(config, setup, state, eval_step)
         records.write(step, "eval", last_eval)
         t_window = time.perf_counter()  # evaluation time is not training throughput
-      if step % t.checkpoint_every == 0 or step == total or step == stop_after_step:
+      saved = step % t.checkpoint_every == 0 or step == total or step == stop_after_step
+      if saved:
         guard.check_previous()  # never checkpoint past an unchecked step
         save(step)
       if stop_after_step is not None and step >= stop_after_step:
         break
+      if step < total and watch.requested(step):
+        guard.check_previous()
+        if not saved:
+          save(step)
+        saver.finish()  # on disk and verified before the process is told to go
+        if window:  # the steps since the last logged line are not run again on resume: log them now
+          records.write(step, "train", {**_window_line(window, time.perf_counter() - t_window, tokens_per_step),
+                                        "stopped": "preempted"})
+        raise Preempted(step, saver.directory)
     guard.check_previous()
   finally:
+    watch.__exit__()
     if bar is not None:
       bar.close()
   if not last_eval and total > 0:
