@@ -8,7 +8,7 @@ no layer remat) is compiled with `model.attention=xla` and `=chunked`
 the loss of one batch is evaluated with the same parameters under both, so
 the table shows the bytes saved and that the numbers did not change.
 
-Acceptance (issue #10): at T = 8192, chunked's compiled temp is at most a
+What it is held to: at T = 8192, chunked's compiled temp is at most a
 quarter of xla's, with the same loss to float tolerance.
 """
 

@@ -10,7 +10,7 @@ time ratio is the median of the per-round ratios, so a shared machine's
 drifting load affects both sides alike. Prints a Markdown table (and writes
 it to --out).
 
-Acceptance (issue #4): on the 12-layer Transformer, `full` cuts compiled temp
+What it is held to: on the 12-layer Transformer, `full` cuts compiled temp
 at least 5x against `none`, at a step time at most 1.4x.
 """
 
