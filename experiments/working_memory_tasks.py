@@ -15,13 +15,13 @@ windows (state: the KV cache, `layers * 2 * d * min(T, window) * 4` bytes),
 and plots validation accuracy against state bytes (DESIGN.md definition, from
 `model.state_bytes(seq_len)`).
 
-n-back is the calibrated one. A window of w slots lets the query at position
-t attend to t - w + 1 .. t (wm.models.transformer.attention: t - j < w): the
-current token takes one slot, so one layer reaches w - 1 tokens back and
-n-back needs w >= n + 1 slots. The n-back Transformers have one layer so the
-window is exactly the receptive field (L layers can relay information
-L * (w - 1) back, which would move the step to about n / L + 1); the grid
-straddles the step with windows n - 1, n, n + 1.
+n-back is the calibrated one. A window of w lets the query at position t
+attend to itself and the w tokens before it, t - w .. t
+(wm.models.transformer.attention: t - j <= w), and the KV cache carries
+exactly those w tokens between steps, so n-back needs w >= n. The n-back
+Transformers have one layer so the window is exactly the receptive field (L
+layers can relay information L * w back, which would move the step to about
+n / L); the grid straddles the step with windows n - 1, n, n + 1.
 
     python experiments/working_memory_tasks.py --preset quick          # 2 CPU cores
     python experiments/working_memory_tasks.py --preset quick --plot   # redraw from results/working_memory_tasks/
@@ -94,7 +94,7 @@ def _points(preset: dict, extra: dict) -> list[sweep.Point]:
           overrides={**common, **data, "model.d": preset["d"], "model.heads": 4, "model.kv_heads": 4,
                      "model.layers": layers, "model.window": w},
           labels={"task": task, "family": "transformer", "width": preset["d"], "window": w,
-                  "layers": layers, "reach": layers * (w - 1)}))
+                  "layers": layers, "reach": layers * w}))
   return points
 
 
@@ -147,9 +147,9 @@ def plot(records: list[dict], out: str, preset: str) -> None:
     ax.axhline(chance(rows[0]), color="gray", lw=0.8, ls=":", label="chance")
     if task == "nback":
       n = rows[0]["overrides"]["data.nback"]
-      step = [r for r in rows if r["family"] == "transformer" and r["window"] == n + 1]
+      step = [r for r in rows if r["family"] == "transformer" and r["window"] == n]
       if step:  # the smallest window whose single layer reaches n back
-        ax.axvline(step[0]["state_bytes"], color="gray", lw=0.8, ls="--", label=f"window = n + 1 = {n + 1}")
+        ax.axvline(step[0]["state_bytes"], color="gray", lw=0.8, ls="--", label=f"window = n = {n}")
     ax.set_xscale("log", base=2)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("state bytes per sequence (log2)")
@@ -176,7 +176,7 @@ def plot(records: list[dict], out: str, preset: str) -> None:
                  f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else ""])
   note = (f"Accuracy over every scored position of the whole validation split ({records[0]['eval'].get('eval_tokens', '?')}"
           f" tokens for the first row). State bytes: LSTM layers * 2 * d * 4; attention layers * 2 * d * "
-          f"min(T, window) * 4 (float32), per sequence. A window of w reaches w - 1 tokens back per layer. "
+          f"min(T, window) * 4 (float32), per sequence. A window of w reaches w tokens back per layer. "
           f"jax {records[0]['jax_version']}, {records[0]['backend']} ({records[0]['device_kind']}).")
   print(sweep.write_table(out, header, rows, align="lllrrrrrr", note=note))
 

@@ -54,9 +54,9 @@ def test_nback_windows_straddle_the_step(preset):
   nback = [validated(p) for p in points if p.labels["task"] == "nback" and p.labels["family"] == "transformer"]
   n = nback[0].data.nback
   windows = sorted(c.model.window for c in nback)
-  # One layer: a window of w reaches w - 1 back, so the step is between n and n + 1.
+  # One layer: a window of w reaches w back, so the step is between n - 1 and n.
   assert all(c.model.layers == 1 for c in nback)
-  assert n in windows and n + 1 in windows and min(windows) < n and max(windows) > n + 1
+  assert n - 1 in windows and n in windows and min(windows) < n - 1 and max(windows) > n
 
 
 def test_nback_reach_matches_the_attention_mask():
@@ -68,7 +68,7 @@ def test_nback_reach_matches_the_attention_mask():
   t, n = 12, 5
   pos = jnp.arange(t)[None]
   k = jax.random.normal(jax.random.PRNGKey(0), (1, t, 1, 4))
-  for window, reaches in ((n, False), (n + 1, True)):
+  for window, reaches in ((n - 1, False), (n, True)):
     grad = jax.grad(lambda v: attention(k, k, v, pos, pos, window=window)[0, t - 1, 0, 0])(jnp.ones((1, t, 1, 4)))
     assert bool(grad[0, t - 1 - n, 0, 0] != 0) == reaches, window
 

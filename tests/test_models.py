@@ -328,10 +328,10 @@ def test_transformer_is_causal():
 
 @pytest.mark.parametrize("layers,window", [(1, 4), (2, 4), (3, 3)])
 def test_sliding_window_receptive_field_is_exact(layers, window):
-  # One layer moves information at most W-1 positions forward, L layers L*(W-1).
+  # One layer moves information at most W positions forward, L layers L*W.
   model = build(layers=layers, window=window)
   at = 2
-  reach = layers * (window - 1)
+  reach = layers * window
   assert changed_positions(model, tokens(), at) == set(range(at, at + reach + 1))
 
 

@@ -67,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.heads = 4  # attention heads (transformer)
   m.kv_heads = 4  # grouped KV heads; must divide heads
   m.mlp_ratio = 4  # MLP hidden = mlp_ratio * d
-  m.window = 0  # sliding attention window in tokens; 0 = full causal attention
+  m.window = 0  # sliding window: each query reads itself and the `window` tokens before it; 0 = full causal attention
   m.attention = "xla"  # xla | chunked (online softmax over key blocks) | cudnn (GPU) | splash (TPU); wm/models/attention.py
   m.attention_block = 512  # keys per block for chunked/splash: memory per layer grows as t * block, not t^2
   m.rope_base = 10_000.0

@@ -16,7 +16,11 @@
 All take q [b, t, h, e], k and v [b, s, k, e] with grouped-query heads (query
 head n reads key/value head n // (h / k), Ainslie et al. 2023), positions
 q_pos [b, t] and k_pos [b, s], and mask: query i sees key j iff k_pos[j] <=
-q_pos[i] and (window == 0 or q_pos[i] - k_pos[j] < window). `cudnn` and
+q_pos[i] and (window == 0 or q_pos[i] - k_pos[j] <= window): a window of W
+lets each query read itself and the W keys before it (the convention of
+`jax.nn.dot_product_attention`'s `local_window_size=(W, 0)` and of
+FlashAttention's `window_size=(W, 0)`; Hugging Face's Mistral
+`sliding_window` counts the query too, so it is W + 1). `cudnn` and
 `splash` take the mask as "causal + window" over equal q and k positions 0..t-1
 (training and scoring); decoding against a cache always uses `xla`.
 """
@@ -40,7 +44,7 @@ def _mask(q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array | None, window:
   diff = q_pos[:, :, None] - k_pos[:, None, :]
   mask = diff >= 0
   if window:
-    mask &= diff < window
+    mask &= diff <= window
   if k_valid is not None:
     mask &= k_valid[:, None, :]
   return mask
@@ -164,9 +168,9 @@ def fused(q: Float[Array, "b t h e"], k: Float[Array, "b t k e"], v: Float[Array
 
   `implementation="cudnn"` is cuDNN's fused kernel (GPU, bf16/fp16); "xla" is
   the same call lowered by XLA, which the tests use on CPU to check the mask
-  arguments: `local_window_size=(window - 1, 0)` is "i - window < j <= i".
+  arguments: `local_window_size=(window, 0)` is "i - window <= j <= i".
   """
-  local = (window - 1, 0) if window else None
+  local = (window, 0) if window else None
   return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local,
                                       implementation=implementation)
 
@@ -185,7 +189,7 @@ def splash(q: Float[Array, "b t h e"], k: Float[Array, "b t k e"], v: Float[Arra
   b, t, h, e = q.shape
   kv = k.shape[2]
   g = h // kv
-  head_mask = (mask_lib.LocalMask((t, t), window_size=(window - 1, 0), offset=0) if window
+  head_mask = (mask_lib.LocalMask((t, t), window_size=(window, 0), offset=0) if window
                else mask_lib.CausalMask((t, t)))
   size = min(block, t)
   sizes = kernel_lib.BlockSizes(block_q=size, block_kv=size, block_kv_compute=size, block_q_dkv=size,

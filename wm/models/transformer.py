@@ -11,9 +11,12 @@ Choices and their reasons:
   shared by groups of query heads; the KV cache, our working memory, shrinks
   by heads/kv_heads.
 - Sliding window (Beltagy et al. 2020; Mistral): position i attends to j with
-  i - W < j <= i, so the KV cache is a ring buffer of W slots and working
-  memory stops growing with context. With L layers information still travels
-  L * (W - 1) positions back.
+  i - W <= j <= i, itself and the W positions before it (`jax.nn.
+  dot_product_attention`'s `local_window_size=(W, 0)`; Mistral's
+  `sliding_window` is W + 1). The state carried between tokens is then
+  exactly W keys and values: the KV cache is a ring buffer of W slots, read
+  before the new token is written, and working memory stops growing with
+  context. With L layers information still travels L * W positions back.
 - GELU MLP (Hendrycks & Gimpel 2016) rather than SwiGLU: two matrices of
   mlp_ratio * d, the MLP that Korthikanti et al. 2022's activation-memory
   formulas (used by wm.memory.estimate) are derived for; SwiGLU's gain is a
@@ -65,7 +68,7 @@ def attention(q: Float[Array, "b t h e"], k: Float[Array, "b s k e"], v: Float[A
 
   Query head n uses key/value head n // (h / k) (Ainslie et al. 2023). Query
   i sees key j iff k_pos[j] <= q_pos[i] and (window == 0 or
-  q_pos[i] - k_pos[j] < window) and k_valid[j]. Positions are [b, t] / [b, s],
+  q_pos[i] - k_pos[j] <= window) and k_valid[j]. Positions are [b, t] / [b, s],
   or [t] / [s] when every sequence of the batch shares them.
   """
   b, t, h, e = q.shape
@@ -79,7 +82,7 @@ def attention(q: Float[Array, "b t h e"], k: Float[Array, "b s k e"], v: Float[A
   diff = q_pos[..., :, None] - k_pos[..., None, :]  # [b, t, s] or [t, s]
   mask = diff >= 0
   if window:
-    mask &= diff < window
+    mask &= diff <= window
   if k_valid is not None:
     mask &= k_valid[..., None, :]
   # A finite floor rather than -inf: a fully masked row (never produced by our
@@ -136,26 +139,31 @@ class Block(nnx.Module):
   def decode(self, x: Float[Array, "b 1 d"], k_cache: Any, v_cache: Any, pos: jax.Array, state_dtype: str):
     """One token at absolute position `pos` against a cache of S slots (slot = position mod S).
 
-    The caches hold keys and values in `state_dtype` (wm.compress.quant): the
-    new entries are encoded into it, and the whole cache is read back in the
-    compute dtype for attention.
+    The cache holds the S positions before `pos`, the state carried between
+    tokens. The query reads them beside this step's own key and value (taken
+    straight from the projection), and only then is the new entry written,
+    over position pos - S, which no later query can reach. The caches hold
+    keys and values in `state_dtype` (wm.compress.quant): new entries are
+    encoded into it, and the cache is read back in the compute dtype.
     """
     b, slots = x.shape[0], k_cache.shape[1]
     q, k, v = self._qkv(x, jnp.full((b, 1), pos, jnp.int32))
-    slot = pos % slots
+    # Slot s holds the latest position p < pos with p = s (mod S); negative = never written.
+    slot_pos = pos - 1 - jnp.mod(pos - 1 - jnp.arange(slots), slots)
+    k_pos = jnp.concatenate([jnp.broadcast_to(slot_pos, (b, slots)), jnp.full((b, 1), pos)], axis=1)
+
+    def read(cache, new):
+      return jnp.concatenate([quant.decode_state(cache, self.dtype), new.astype(self.dtype)], axis=1)
+
+    ctx = attention(q, read(k_cache, k), read(v_cache, v), jnp.full((b, 1), pos), k_pos, window=self.window,
+                    k_valid=k_pos >= 0)
 
     # An int8 entry is a QArray (values and per-row scales, both with the slot axis at 1): write both.
     def write(cache, new):
-      return jax.tree.map(lambda c, n: jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), slot, axis=1),
+      return jax.tree.map(lambda c, n: jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), pos % slots, axis=1),
                           cache, quant.encode_state(new, state_dtype))
 
-    k_cache, v_cache = write(k_cache, k), write(v_cache, v)
-    # Slot s holds the latest position p <= pos with p = s (mod S); negative = never written.
-    slot_pos = pos - jnp.mod(pos - jnp.arange(slots), slots)
-    k_pos = jnp.broadcast_to(slot_pos, (b, slots))
-    ctx = attention(q, quant.decode_state(k_cache, self.dtype), quant.decode_state(v_cache, self.dtype),
-                    jnp.full((b, 1), pos), k_pos, window=self.window, k_valid=k_pos >= 0)
-    return self._finish(x, ctx, (None, None)), k_cache, v_cache
+    return self._finish(x, ctx, (None, None)), write(k_cache, k), write(v_cache, v)
 
 
 class TransformerStack(nnx.Module):
