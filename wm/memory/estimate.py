@@ -154,7 +154,7 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   # element beside the backward pass's (measured, CPU: temp + 1.0x the mask bytes, Transformer and LSTM).
   lever_buffers = states.dequantized + states.fresh_masks
   gathered, reduced = sharding.sharding_buffers(config, levers.policy, sizes, cal, layer_param_bytes,
-                                                (states.whole_params - params) * widen, grads, levers.time_chunk)
+                                                max(states.whole_params - params, 0.0) * widen, grads, levers.time_chunk)
   fixed = cal.fixed_mib * 2**20  # what the compiler's figure holds whatever the step (calibrated)
   transient_bwd = max(acts.layer_transient, acts.head_transient) + states.qat_copy + lever_buffers + gathered + reduced
   backward = live_grads + acts.saved + transient_bwd + fixed
