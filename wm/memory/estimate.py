@@ -153,8 +153,9 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   # Pruning: the step writes the masks it may have recomputed into a buffer of their own, 1 byte per pruned
   # element beside the backward pass's (measured, CPU: temp + 1.0x the mask bytes, Transformer and LSTM).
   lever_buffers = states.dequantized + states.fresh_masks
-  gathered, reduced = sharding.sharding_buffers(config, levers.policy, sizes, cal, layer_param_bytes,
-                                                max(states.whole_params - params, 0.0) * widen, grads, levers.time_chunk)
+  whole_extra = max(states.whole_params - params, 0.0) * widen  # gathered beyond the local shards (never < 0 tiled)
+  gathered, reduced = sharding.sharding_buffers(config, levers.policy, sizes, cal, layer_param_bytes, whole_extra,
+                                                grads, levers.time_chunk)
   fixed = cal.fixed_mib * 2**20  # what the compiler's figure holds whatever the step (calibrated)
   transient_bwd = max(acts.layer_transient, acts.head_transient) + states.qat_copy + lever_buffers + gathered + reduced
   backward = live_grads + acts.saved + transient_bwd + fixed
