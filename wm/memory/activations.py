@@ -209,7 +209,8 @@ def _head_transient(dims: Dims, cal: calibration.Table, heads: int = 1) -> float
 
 
 def _lstm_layer(config: ml_collections.ConfigDict, dims: Dims, policy: str,
-                time_chunk: int, backend: str, cal: calibration.Table) -> tuple[float, float, dict[str, Any]]:
+                time_chunk: int, backend: str, cal: calibration.Table,
+                microbatches: int = 1) -> tuple[float, float, dict[str, Any]]:
   """Saved bytes of one LSTM layer and the backward working set of one layer (per device).
 
   For an `LSTMStack` run over the whole sequence: the latent models' stacks,
@@ -277,6 +278,8 @@ def _lstm_layer(config: ml_collections.ConfigDict, dims: Dims, policy: str,
   if coef is None:  # several tags: the largest working set of any of them
     coef = max((cal.lstm_transient[f"save:{n}"] for n in names), key=lambda x: x[0])
   layer_params = (2 * d * 4 * d + 4 * d) / tp * jnp.dtype(config.precision.param_dtype).itemsize
+  if backend == "cpu":  # weight-sized working buffers are f32 on XLA CPU (wm.memory.estimate, `widen`)
+    layer_params = (2 * d * 4 * d + 4 * d) / tp * _F32
   transient = coef[0] * tokens * d * _F32 + coef[1] * layer_params
   if k and base == "full":
     key += "/chunk"
@@ -284,6 +287,15 @@ def _lstm_layer(config: ml_collections.ConfigDict, dims: Dims, policy: str,
     transient = coef[0] * tokens * d * _F32 + coef[1] * layer_params
   if k:
     transient += 12 * b * k * d / tp * _F32  # one chunk's recomputed residuals
+  if backend == "cpu" and config.precision.compute_dtype != "float32":
+    # XLA CPU runs the 16-bit matmuls in f32: the weights they read are converted to f32, and the time scan's
+    # loop-invariant W_h (and the W_x of the projection before it) are converted once, hoisted out of the
+    # loop: one layer's weights in f32 alive through its backward pass (measured, 2-layer d=256 LSTM: temp
+    # +1.6 MiB with bfloat16 compute, 1 and 2 microbatches). With bfloat16 parameters and microbatches the
+    # conversion is hoisted out of the microbatch loop as well: the whole stack's weights in f32 (buffer
+    # listing of the same step with 4 microbatches: f32 copies of both stacked kernels beside the gradients).
+    hoisted = config.model.layers if microbatches > 1 and config.precision.param_dtype != "float32" else 1
+    transient += hoisted * (2 * d * 4 * d + 4 * d) / tp * _F32
   return saved, transient, {"saved_per_layer": int(saved), "time_chunk": k, "host_per_layer": int(host)}
 
 
@@ -310,7 +322,8 @@ def _lstm_time_chunks(config: ml_collections.ConfigDict, dims: Dims, levers: Lev
   """
   layers = config.model.layers
   chunk_dims = dataclasses.replace(dims, t=k)
-  per_layer, layer_transient, detail = _lstm_layer(config, chunk_dims, levers.policy, 0, backend, cal)
+  per_layer, layer_transient, detail = _lstm_layer(config, chunk_dims, levers.policy, 0, backend, cal,
+                                                   levers.microbatches)
   head = _head_transient(chunk_dims, cal)
   # The chunk's own saved activations are alive through its backward pass, widened like any saved activations.
   chunk_saved = layers * per_layer * cal.saved_scale.get(config.precision.compute_dtype, 1.0)
@@ -327,7 +340,8 @@ def _stack_acts(config: ml_collections.ConfigDict, kind: str, dims: Dims, levers
   if kind == "transformer":
     per_layer, transient, detail = _transformer_layer(config, dims, levers.policy, layer_param_bytes, backend, cal)
   else:
-    per_layer, transient, detail = _lstm_layer(config, dims, levers.policy, levers.time_chunk, backend, cal)
+    per_layer, transient, detail = _lstm_layer(config, dims, levers.policy, levers.time_chunk, backend, cal,
+                                               levers.microbatches)
   return layers * per_layer, transient, detail
 
 
@@ -347,7 +361,9 @@ def by_family(config: ml_collections.ConfigDict, dims: Dims, levers: Levers, lay
     vrnn      one time scan over a cell with the LSTM stack (input 2d), the
               prior, posterior and decoder MLPs (width d) and a V-way softmax
               per step. Per step and sequence it keeps the LSTM's residuals
-              (13.5 d per layer, as above), about 12 d for the three MLPs,
+              (13.5 d per layer, as above; split over tensor like the gates),
+              about 12 d for the three MLPs (half of it, the hidden layers,
+              split over tensor),
               the concatenations and the latent sample, and 3 V f32 for the
               step's logits, log-softmax and its gradient. With time chunks of
               k steps it keeps the carries (2 d per layer + z per chunk), the
@@ -380,8 +396,11 @@ def by_family(config: ml_collections.ConfigDict, dims: Dims, levers: Levers, lay
     head = cal.mixture_head_logits * tokens * k * dims.vocab * _F32 + cal.head_stream * tokens * dims.d * _F32
     return Acts(dec, dec_t, head, detail)
   # vrnn
-  d, v, z, layers = dims.d, dims.vocab, m.latent_dim, m.layers
-  per_step = (layers * 13.5 * d + 12 * d + 4 * z + 3 * v) * _F32
+  d, v, z, layers, tp = dims.d, dims.vocab, m.latent_dim, m.layers, dims.tensor
+  # The LSTM's residuals are [b, 4d]/[b, d] slices of the gates, split over "gates" (tensor); of the MLPs'
+  # 12 d, the three hidden layers before and after their ReLU (6 d) are split over "mlp" (tensor), the
+  # concatenations [x, h], [z, h] and phi(z) are replicated; the logits are already V / tensor.
+  per_step = (layers * 13.5 * d / tp + 6 * d / tp + 6 * d + 4 * z + 3 * v) * _F32
   chunk = remat_lib.resolve_time_chunk(levers.time_chunk, dims.t)
   if chunk:
     carries = dims.b * (dims.t // chunk) * (2 * layers * d + z) * _F32

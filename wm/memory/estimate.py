@@ -35,6 +35,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
@@ -121,9 +122,17 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   batch_ways = sharding.batch_ways(config, sizes)
   # One weight set runs at a time: a layer's, or with sharing (ALBERT) the set g layers share.
   layer_param_bytes = states.stack_bytes / max(config.model.layers // config.model.get("share_layers", 1), 1)
-  acts = activations.by_family(config, dims, levers, layer_param_bytes, params, backend, cal)
-  # accumulator + this microbatch's, + the sum over time chunks and this chunk's
-  live_grads = grads * (1 + (levers.microbatches > 1) + acts.extra_grads)
+  # XLA CPU has no 16-bit arithmetic (see activations.per_device_dims): with bfloat16 parameters the backward
+  # pass computes the gradients, and the layers their weights' working copies, in f32, and casts only the
+  # results. Gradient- and weight-sized buffers in the step are f32-sized there (measured, 2-layer d=256 LSTM
+  # and Transformer, SGD, 1 and 2 microbatches: temp with bf16 parameters equal to or above temp with f32
+  # parameters, not half of the gradient part).
+  widen = _F32 / jnp.dtype(config.precision.param_dtype).itemsize if backend == "cpu" else 1.0
+  work_grads, layer_param_bytes = grads * widen, layer_param_bytes * widen
+  acts = activations.by_family(config, dims, levers, layer_param_bytes, params * widen, backend, cal)
+  # accumulator (param dtype: zeros_like the parameters) + this microbatch's, + the sum over time chunks and
+  # this chunk's
+  live_grads = grads * (levers.microbatches > 1) + work_grads * (1 + acts.extra_grads)
   # The compiler may keep more than the model code saves (calibration.Table.saved_scale).
   acts = dataclasses.replace(acts, saved=acts.saved * cal.saved_scale.get(config.precision.compute_dtype, 1.0))
   # inputs and targets int32, weights f32, this device's rows.
@@ -144,12 +153,16 @@ def estimate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   # Pruning: the step writes the masks it may have recomputed into a buffer of their own, 1 byte per pruned
   # element beside the backward pass's (measured, CPU: temp + 1.0x the mask bytes, Transformer and LSTM).
   lever_buffers = states.dequantized + states.fresh_masks
-  gathered, reduced = sharding.sharding_buffers(config, levers.policy, sizes, cal, layer_param_bytes,
-                                                states.whole_params - params, grads)
+  whole_extra = max(states.whole_params - params, 0.0) * widen  # gathered beyond the local shards (never < 0 tiled)
+  gathered, reduced = sharding.sharding_buffers(config, levers.policy, sizes, cal, layer_param_bytes, whole_extra,
+                                                grads, levers.time_chunk)
   fixed = cal.fixed_mib * 2**20  # what the compiler's figure holds whatever the step (calibrated)
   transient_bwd = max(acts.layer_transient, acts.head_transient) + states.qat_copy + lever_buffers + gathered + reduced
   backward = live_grads + acts.saved + transient_bwd + fixed
-  update = grads + cal.update_buffers * grads + lever_buffers + fixed
+  # wm/step.py divides the summed gradients by the f32 total weight (`g / total`): the update's gradient-sized
+  # buffers are f32 whatever the parameter dtype, beside the gradients as the backward pass left them.
+  grads_f32 = grads * _F32 / jnp.dtype(config.precision.param_dtype).itemsize
+  update = grads + cal.update_buffers * grads_f32 + lever_buffers + fixed
   if backward >= update:
     phase, saved, transient, grads_term = "backward", acts.saved, transient_bwd + fixed, live_grads
   else:

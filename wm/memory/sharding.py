@@ -15,6 +15,7 @@ import ml_collections
 
 from wm import parallel
 from wm.memory import calibration
+from wm.models import remat as remat_lib
 
 
 def axes(rule) -> tuple[str, ...]:
@@ -88,9 +89,28 @@ def tpu_bytes(shape: tuple[int, ...], itemsize: int) -> int:
   return max(512, int(best))
 
 
+def family_key(config: ml_collections.ConfigDict, time_chunk: int) -> str:
+  """Which per-family sharding coefficients a step uses (`calibration.Table.fsdp_gathered`, `dp_grad_copies`).
+
+  The model family, except the LSTM language model in time chunks (0 < k < t,
+  wm/models/lstm.py `Model.loss`): its chunk scan runs the whole model once
+  per chunk, so the gathered weights and reduced gradients live in another
+  loop than the unchunked LSTM's layer scan (XLA CPU buffer listings of the
+  same LSTM with and without chunks: the chunked step keeps whole gathered
+  weight matrices and several gradient shards beside each other), and one
+  set of coefficients cannot hold both.
+  """
+  name = config.model.name
+  if name == "lstm":
+    k = remat_lib.resolve_time_chunk(time_chunk, config.data.seq_len)
+    if 0 < k < config.data.seq_len:
+      return "lstm_chunked"
+  return name
+
+
 def sharding_buffers(config: ml_collections.ConfigDict, policy: str, sizes: dict[str, int],
                      cal: calibration.Table, layer_param_bytes: float, gathered_extra: float,
-                     grads: float) -> tuple[float, float]:
+                     grads: float, time_chunk: int = 0) -> tuple[float, float]:
   """(gathered weights, reduced gradients): the buffers sharding adds to the backward pass's peak.
 
   FSDP (ZeRO-3, Rajbhandari et al. 2020 sec. 5.3) keeps a parameter shard per
@@ -116,11 +136,13 @@ def sharding_buffers(config: ml_collections.ConfigDict, policy: str, sizes: dict
   Tensor-parallel all-reduces are of [b, t, d] activations and fold into the
   layer transient.
   """
-  m = config.model
+  key = family_key(config, time_chunk)
   gathered = reduced = 0.0
   if sizes.get("fsdp", 1) > 1:
-    none_copies, remat_copies, whole = cal.fsdp_gathered.get(m.name, (0.0, 0.0, 0.0))
-    gathered = (none_copies if policy == "none" else remat_copies) * layer_param_bytes + whole * gathered_extra
+    none_copies, remat_copies, whole = cal.fsdp_gathered.get(key, (0.0, 0.0, 0.0))
+    # Time chunks are rematerialized whole whatever the layer policy: their weights are gathered as under remat.
+    rematerialized = policy != "none" or key == "lstm_chunked"
+    gathered = (remat_copies if rematerialized else none_copies) * layer_param_bytes + whole * gathered_extra
   if sizes.get("data", 1) > 1:
-    reduced = cal.dp_grad_copies.get(m.name, 0.0) * grads
+    reduced = cal.dp_grad_copies.get(key, 0.0) * grads
   return gathered, reduced
