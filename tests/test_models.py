@@ -279,13 +279,13 @@ def test_transformer_scan_over_layers_equals_loop(dtype):
 
 
 def np_attention(q, k, v, window=0):
-  """Softmax(q k^T / sqrt(e)) v per head, key head n // (h/k) for query head n, causal (+ window)."""
+  """Softmax(q k^T / sqrt(e)) v per head, key head n // (h/k) for query head n, causal (+ window: i reads i-window..i)."""
   b, t, h, e = q.shape
   rep = h // k.shape[2]
   k, v = np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2)
   out = np.zeros_like(q)
   for i in range(t):
-    lo = max(0, i - window + 1) if window else 0
+    lo = max(0, i - window) if window else 0
     s = np.einsum("bhe,bjhe->bhj", q[:, i], k[:, lo:i + 1]) / math.sqrt(e)
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
