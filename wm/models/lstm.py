@@ -160,7 +160,10 @@ def _lstm_sequence_bwd(res, cotangents):
   init = (d_h_last.astype(jnp.float32), d_c_last.astype(jnp.float32))
   (dh0, dc0), dgates = jax.lax.scan(step, init, (d_hs, acts, cs32, c_prev), reverse=True)
   h_prev = jnp.concatenate([h0[None], hs[:-1]])
-  d_w = jnp.einsum("tbd,tbg->dg", h_prev, dgates.astype(h0.dtype), preferred_element_type=jnp.float32)
+  # As [t*b, d]^T [t*b, 4d]: contracting a flattened 2-D leading dim keeps XLA's CPU backend from copying
+  # dgates into transposed order first (layers.matmul_2d).
+  d_w = jax.lax.dot_general(h_prev.reshape(-1, h_prev.shape[-1]), dgates.astype(h0.dtype).reshape(-1, dgates.shape[-1]),
+                            (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
   # x_proj comes from a Dense in the compute dtype, the dtype of h.
   return d_w.astype(w_h.dtype), (dh0.astype(h0.dtype), dc0.astype(c0.dtype)), dgates.astype(h0.dtype)
 
