@@ -115,6 +115,9 @@ def matmul_2d(x: jax.Array, w: jax.Array, n_in: int = 1) -> Float[Array, "n out"
   elementwise work produced it (the GELU derivative): a strided loop as slow
   as the matmul itself. As [b*t, d] x [d, f] the weight gradient is a plain
   [n, d]^T [n, f] dot with no copy (docs/performance.md). Same values.
+  Give x batch-major ([b, t, ...]): with the batch dim sharded, only a
+  flattening in which it is the major dim keeps the sharding (GSPMD gathers
+  a time-major [t, b] flattening; see wm/models/lstm.py).
   """
   x2 = x.reshape(math.prod(x.shape[:x.ndim - n_in]), math.prod(x.shape[x.ndim - n_in:]))
   w2 = w.reshape(math.prod(w.shape[:n_in]), math.prod(w.shape[n_in:]))
