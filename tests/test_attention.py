@@ -112,8 +112,10 @@ def test_chunked_attention_memory_is_linear_in_length():
     exe = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
     return exe.memory_analysis().temp_size_in_bytes
 
-  xla = [temp("xla", t) for t in (512, 1024)]
-  chunked = [temp("chunked", t) for t in (512, 1024)]
+  # From 1024 on: at 512 XLA's buffer assignment keeps one more [t, t] buffer than at longer lengths
+  # (temp 16.1, 48.5, 193.0 MiB at 512, 1024, 2048 with the softmax that saves only its output).
+  xla = [temp("xla", t) for t in (1024, 2048)]
+  chunked = [temp("chunked", t) for t in (1024, 2048)]
   assert xla[1] / xla[0] > 3.5, xla  # scores [t, t]
   assert chunked[1] / chunked[0] < 2.5, chunked  # [t, block]
   assert chunked[1] < xla[1] / 4, (chunked, xla)

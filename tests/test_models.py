@@ -243,6 +243,29 @@ def test_gelu_matches_jax_nn_gelu_and_its_gradient():
   np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
 
 
+def test_softmax_matches_jax_nn_softmax_and_its_gradient():
+  x = jax.random.normal(jax.random.key(0), (3, 5, 17)) * 4
+  x = x.at[..., :4].set(jnp.finfo(jnp.float32).min)  # masked scores, as attention writes them
+  np.testing.assert_allclose(transformer.softmax(x), jax.nn.softmax(x, axis=-1), rtol=1e-6, atol=1e-7)
+  w = jax.random.normal(jax.random.key(1), x.shape)
+  g = jax.grad(lambda x: jnp.sum(jnp.sin(w * transformer.softmax(x))))(x)
+  g_ref = jax.grad(lambda x: jnp.sum(jnp.sin(w * jax.nn.softmax(x, axis=-1))))(x)
+  np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("x_shape,n_in,w_shape", [((2, 3, 8), 1, (8, 4, 5)), ((2, 3, 4, 5), 2, (4, 5, 8)),
+                                                   ((7, 8), 1, (8, 6))])
+def test_matmul_2d_equals_dot_general_and_its_gradients(x_shape, n_in, w_shape):
+  kx, kw = jax.random.split(jax.random.key(0))
+  x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+  contract = ((tuple(range(len(x_shape) - n_in, len(x_shape))), tuple(range(n_in))), ((), ()))
+  ref = lambda x, w: jax.lax.dot_general(x, w, contract)
+  new = lambda x, w: L.matmul_2d(x, w, n_in).reshape(x.shape[:len(x_shape) - n_in] + w.shape[n_in:])
+  np.testing.assert_allclose(new(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.cos(f(x, w)))
+  for a, b in zip(jax.grad(loss(new), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
 def test_resolve_time_chunk():
   assert remat.resolve_time_chunk(0, 100) == 0
   assert remat.resolve_time_chunk(-1, 100) == 10

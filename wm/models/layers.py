@@ -95,11 +95,33 @@ class Embed(nnx.Module):
   def attend(self, x: Float[Array, "... d"]) -> Float[Array, "... v"]:
     """Logits x @ E^T in float32 (the tied output head)."""
     table = quant.matmul_weight(self.embedding.get_value(), self.dtype)
-    return jnp.einsum("...d,vd->...v", x.astype(self.dtype), table, preferred_element_type=jnp.float32)
+    # Flattened to one 2-D matmul for the same reason as Dense (see matmul_2d).
+    x2 = x.astype(self.dtype).reshape(-1, self.d)
+    logits = jax.lax.dot_general(x2, table, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return logits.reshape(x.shape[:-1] + (self.vocab,))
 
   def quant_axes(self) -> dict[str, tuple[int, ...]]:
     """Int8 scales per vocabulary row (wm.compress.quant): one scale serves the lookup and `attend`."""
     return {"embedding": (-1,)}
+
+
+def matmul_2d(x: jax.Array, w: jax.Array, n_in: int = 1) -> Float[Array, "n out"]:
+  """x @ w as one 2-D matmul in float32: x's leading dims flattened, its trailing `n_in` dims contracted
+  with w's leading `n_in` dims, w's other dims flattened (reshapes of row-major arrays, so no copies).
+
+  Why 2-D: the gradient of a [b, t, d] x [d, f] dot_general contracts over
+  (b, t), and XLA's CPU backend lowered that weight-gradient dot with its
+  [b*t, f] operand copied into transposed order first, fused with whatever
+  elementwise work produced it (the GELU derivative): a strided loop as slow
+  as the matmul itself. As [b*t, d] x [d, f] the weight gradient is a plain
+  [n, d]^T [n, f] dot with no copy (docs/performance.md). Same values.
+  Give x batch-major ([b, t, ...]): with the batch dim sharded, only a
+  flattening in which it is the major dim keeps the sharding (GSPMD gathers
+  a time-major [t, b] flattening; see wm/models/lstm.py).
+  """
+  x2 = x.reshape(math.prod(x.shape[:x.ndim - n_in]), math.prod(x.shape[x.ndim - n_in:]))
+  w2 = w.reshape(math.prod(w.shape[:n_in]), math.prod(w.shape[n_in:]))
+  return jax.lax.dot_general(x2, w2, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 class Dense(nnx.Module):
@@ -138,9 +160,8 @@ class Dense(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     n = len(self.in_shape)
-    contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
     kernel = quant.matmul_weight(self.kernel.get_value(), self.dtype)  # float, or int8 after quantization
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())), preferred_element_type=jnp.float32)
+    y = matmul_2d(x.astype(self.dtype), kernel, n).reshape(x.shape[:x.ndim - n] + self.out_shape)
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32)
     return y.astype(self.dtype)

@@ -219,19 +219,24 @@ class LSTMLayer(nnx.Module):
       scan = lambda carry, xp: lstm_sequence(params["w_h"], carry, xp)
     else:
       scan = lambda carry, xp: jax.lax.scan(functools.partial(lstm_cell, params), carry, xp)
-    xs = jnp.swapaxes(x, 0, 1)  # [t, b, d_in]: scans run over the leading axis
+    # The input projection runs batch-major and its output is made time-major
+    # for the scans (which run over the leading axis): Dense flattens [b, t]
+    # into one row dim (layers.matmul_2d), which keeps the batch sharding only
+    # when b is the major dim; flattening [t, b] made GSPMD gather the whole
+    # sequence on every device under data/FSDP meshes.
+    project = lambda x: jnp.swapaxes(self.w_x(x), 0, 1)  # [b, t, d_in] -> [t, b, 4d]
     if not time_chunk:
-      carry, ys = scan((h, c), self.w_x(xs))  # one [t*b, d_in] x [d_in, 4d] matmul for all steps
+      carry, ys = scan((h, c), project(x))  # one [b*t, d_in] x [d_in, 4d] matmul for all steps
     else:
-      t = xs.shape[0]
-      chunks = xs.reshape((t // time_chunk, time_chunk) + xs.shape[1:])
+      b, t = x.shape[:2]
+      chunks = jnp.moveaxis(x.reshape((b, t // time_chunk, time_chunk) + x.shape[2:]), 1, 0)  # [t/k, b, k, d_in]
 
       # Each chunk projects its own inputs and is rematerialized as a whole:
       # the outer scan keeps only the carry entering each chunk (Chen et al.
       # 2016), and the backward pass of one chunk holds that chunk's
       # projections and residuals alone. The chunk inputs are the layer input.
       def run_chunk(carry, x_chunk):
-        return scan(carry, self.w_x(x_chunk))
+        return scan(carry, project(x_chunk))
 
       run_chunk = jax.checkpoint(run_chunk, policy=jax.checkpoint_policies.nothing_saveable,
                                  prevent_cse=False)  # the outer scan already blocks CSE

@@ -61,6 +61,30 @@ def _tag(x: jax.Array, name: str) -> jax.Array:
   return jax.ad_checkpoint.checkpoint_name(x, name)
 
 
+@jax.custom_vjp
+def softmax(x: jax.Array) -> jax.Array:
+  """jax.nn.softmax over the last axis, with a backward pass that keeps only the output.
+
+  Autodiff of jax.nn.softmax (without the global jax_softmax_custom_jvp flag)
+  goes through its exp / sum / divide and keeps exp(x - max) as well as the
+  probabilities: two [b, h, t, s] buffers per layer, stacked over the layer
+  scan. dx = y * (g - sum(g * y)) needs y alone (docs/performance.md).
+  """
+  return jax.nn.softmax(x, axis=-1)
+
+
+def _softmax_fwd(x):
+  y = softmax(x)
+  return y, y
+
+
+def _softmax_bwd(y, g):
+  return (y * (g - jnp.sum(g * y, axis=-1, keepdims=True)),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 def attention(q: Float[Array, "b t h e"], k: Float[Array, "b s k e"], v: Float[Array, "b s k e"],
               q_pos: Int[Array, "b t"] | Int[Array, "t"], k_pos: Int[Array, "b s"] | Int[Array, "s"], *,
               window: int = 0, k_valid: jax.Array | None = None) -> Float[Array, "b t h e"]:
@@ -88,7 +112,7 @@ def attention(q: Float[Array, "b t h e"], k: Float[Array, "b s k e"], v: Float[A
   # A finite floor rather than -inf: a fully masked row (never produced by our
   # callers, but cheap to guard) gives a uniform softmax instead of NaN.
   scores = jnp.where(mask[..., None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  probs = softmax(scores).astype(v.dtype)
   ctx = jnp.einsum("bkgts,bske->btkge", probs, v, preferred_element_type=jnp.float32)
   return ctx.reshape(b, t, h, e).astype(v.dtype)
 
