@@ -266,6 +266,7 @@ def test_matmul_2d_equals_dot_general_and_its_gradients(x_shape, n_in, w_shape):
   for a, b in zip(jax.grad(loss(new), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
+
 def test_resolve_time_chunk():
   assert remat.resolve_time_chunk(0, 100) == 0
   assert remat.resolve_time_chunk(-1, 100) == 10

@@ -34,23 +34,19 @@ class Preempted(RuntimeError):
 
 
 class Watch:
-  """Context manager: `requested(step)` is True once the run should stop after `step`."""
+  """Installs the SIGTERM handler (one process) until `close`; `requested(step)` says whether to stop after `step`."""
 
   def __init__(self):
     self.signalled = False
     self._multi = jax.process_count() > 1
     self._previous = None
-    self._installed = False
-
-  def __enter__(self) -> "Watch":
     # signal.signal works only in the main thread; elsewhere (a run started
     # from a worker thread) SIGTERM keeps its default action.
-    if not self._multi and threading.current_thread() is threading.main_thread():
+    self._installed = not self._multi and threading.current_thread() is threading.main_thread()
+    if self._installed:
       self._previous = signal.signal(signal.SIGTERM, self._on_signal)
-      self._installed = True
-    return self
 
-  def __exit__(self, *exc) -> None:
+  def close(self) -> None:
     if self._installed:
       signal.signal(signal.SIGTERM, self._previous)
       self._installed = False

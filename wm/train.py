@@ -199,10 +199,14 @@ def _loop(config, setup, workdir, state, start, train_iter, train_step, eval_ste
     from tqdm import tqdm
     bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
   window, t_window = [], time.perf_counter()
+
+  def log_window(step: int, **extra) -> None:
+    line = _window_line(window, time.perf_counter() - t_window, tokens_per_step)
+    records.write(step, "train", {**evaluation.add_bits_per_byte(config, line), **extra})
+
   step = start
-  watch = preemption.Watch()
+  watch = preemption.Watch()  # from here on SIGTERM stops the loop at a step boundary
   try:
-    watch.__enter__()
     for step in range(start + 1, total + 1):
       local = next(train_iter)
       state, metrics = train_step(state, step_lib.global_batch(setup, local))
@@ -213,8 +217,7 @@ def _loop(config, setup, workdir, state, start, train_iter, train_step, eval_ste
       window.append(metrics)
       if step % t.log_every == 0 or step == total:
         guard.check_previous()  # the means below read this step anyway
-        records.write(step, "train", evaluation.add_bits_per_byte(config, _window_line(window, time.perf_counter() - t_window,
-                                                                   tokens_per_step)))
+        log_window(step)
         if bar is not None:
           bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
         window, t_window = [], time.perf_counter()
@@ -236,12 +239,11 @@ def _loop(config, setup, workdir, state, start, train_iter, train_step, eval_ste
           save(step)
         saver.finish()  # on disk and verified before the process is told to go
         if window:  # the steps since the last logged line are not run again on resume: log them now
-          records.write(step, "train", {**_window_line(window, time.perf_counter() - t_window, tokens_per_step),
-                                        "stopped": "preempted"})
+          log_window(step, stopped="preempted")
         raise Preempted(step, saver.directory)
     guard.check_previous()
   finally:
-    watch.__exit__()
+    watch.close()
     if bar is not None:
       bar.close()
   if not last_eval and total > 0:
