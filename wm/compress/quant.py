@@ -205,14 +205,52 @@ def check_state_dtype(kind: str) -> str:
   return kind
 
 
-def encode_state(x: jax.Array, kind: str) -> jax.Array | QArray:
-  """A state tensor as stored between tokens: cast, clipped to fp8 range, or int8 with a scale per row."""
+def static_scales(amax: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Static int8 scales from calibrated absolute maxima: amax / 127 (an all-zero channel gets scale 1)."""
+  return {k: jnp.where(a > 0, a / _QMAX, 1.0).astype(jnp.float32) for k, a in amax.items()}
+
+
+def empty_state(shape: tuple[int, ...], kind: str, dtype, scale: jax.Array | None = None) -> jax.Array | QArray:
+  """A zero state of `shape` as stored between tokens.
+
+  Args:
+    shape: the state's shape.
+    kind: its storage (`quant.state`).
+    dtype: the compute dtype it is read back in.
+    scale: "int8_static" only: the calibrated scale, broadcasting against
+      `shape` (size 1 on the batch and slot axes): a per-model constant the
+      state carries along, never rewritten.
+  """
+  if kind == "int8_static":
+    if scale is None:
+      raise ValueError('quant.state="int8_static" needs the calibrated scales: pass scales= (from '
+                       'wm.generate.calibrate_state) when creating the generation state')
+    return QArray(jnp.zeros(shape, jnp.int8), jnp.asarray(scale, jnp.float32))
+  return encode_state(jnp.zeros(shape, dtype), kind)
+
+
+def encode_state(x: jax.Array, kind: str, scale: jax.Array | None = None) -> jax.Array | QArray:
+  """A state tensor as stored between tokens: cast, clipped to fp8 range, or int8.
+
+  "int8" computes a scale per row (a QArray); "int8_static" returns the int8
+  codes alone, on the grid of the given calibrated `scale` (values beyond
+  127 * scale saturate).
+  """
   if kind == "int8":
     return quantize(x, (-1,))
+  if kind == "int8_static":
+    return jnp.clip(jnp.round(x.astype(jnp.float32) / scale), -_QMAX, _QMAX).astype(jnp.int8)
   if kind == "float8_e4m3fn":
     # float8_e4m3fn has no infinity: a cast beyond +-448 gives NaN, so saturate first.
     return jnp.clip(x.astype(jnp.float32), -_FP8_MAX, _FP8_MAX).astype(jnp.float8_e4m3fn)
   return x.astype(kind)
+
+
+def update_state(old: jax.Array | QArray, new: jax.Array, kind: str) -> jax.Array | QArray:
+  """`new` encoded in the storage of `old`; a static-scale state keeps `old`'s (calibrated) scale."""
+  if kind == "int8_static":
+    return QArray(encode_state(new, kind, old.scale), old.scale)
+  return encode_state(new, kind)
 
 
 def decode_state(s: jax.Array | QArray, dtype) -> jax.Array:
@@ -221,7 +259,18 @@ def decode_state(s: jax.Array | QArray, dtype) -> jax.Array:
 
 
 def state_row_bytes(kind: str, row: int) -> int:
-  """Stored bytes of one state row of `row` elements (int8 adds its float32 scale)."""
+  """Stored bytes per sequence of one state row of `row` elements (int8 adds its float32 scale).
+
+  "int8_static" stores codes alone: its scales are a per-model constant
+  (`state_constant_bytes`), not part of any sequence's state.
+  """
   if kind == "int8":
     return row + 4
+  if kind == "int8_static":
+    return row
   return row * jnp.dtype(kind).itemsize
+
+
+def state_constant_bytes(kind: str, elements: int) -> int:
+  """Bytes held once per model beside the state: the float32 static scales of `elements` channels, else 0."""
+  return 4 * elements if kind == "int8_static" else 0
