@@ -1,4 +1,4 @@
-"""Int8 weights (post-training and quantization-aware) and int8/fp8 generation state.
+"""Int8 weights (post-training and quantization-aware) and int8/fp8 generation state (dynamic or static scales).
 
 Weights: per-channel symmetric int8, weight-only. For a weight W whose
 contracted (input) axes are I and whose other axes index output channels j,
@@ -34,12 +34,35 @@ vectors, a few hundred bytes per layer.
   copy of the weights while it runs (wm.memory.estimate counts it).
 
 Generation state (`quant.state`): the Transformer's KV cache and the LSTM's
-(h, c) are stored between tokens in float32, bfloat16, int8 (symmetric, one
-float32 scale per row of the last axis: per cached key/value head vector,
-per sequence's h or c) or float8_e4m3fn (Micikevicius et al. 2022: 4
-exponent bits, 3 mantissa bits, finite range +-448, no scale: values are
-clipped to the range, and our pre-norm models keep keys, values and states
-at unit scale, far inside it). Bytes per element: 4, 2, 1 + 4/row, 1.
+(h, c) are stored between tokens in one of
+
+- float32, bfloat16: a cast; 4 and 2 bytes per element.
+- float8_e4m3fn (Micikevicius et al. 2022: 4 exponent bits, 3 mantissa bits,
+  finite range +-448, no scale): values are clipped to the range, and our
+  pre-norm models keep keys, values and states at unit scale, far inside it;
+  1 byte per element.
+- int8 (dynamic): symmetric, one float32 scale computed per row of the last
+  axis as it is written (per cached key/value head vector, per sequence's h
+  or c); 1 + 4/row bytes per element (head_dim 32: 1.125, 0.281x float32).
+- int8_static: symmetric int8 codes on a static scale per channel, as
+  deployed int8 KV caches do (TensorRT-LLM's and vLLM's calibrated KV
+  scales): Transformer: one per (layer, keys or values, kv head, head_dim
+  channel); LSTM: one per (layer, h or c, channel). The cache holds the codes
+  alone, exactly 1 byte per element per sequence (0.25x float32, 0.5x
+  bfloat16); the float32 scales are a per-model constant, counted apart
+  (`state_constant_bytes`: layers * 2 * kv_heads * head_dim * 4 bytes, or
+  layers * 2 * d * 4), held once however many sequences decode. Scales are
+  calibrated once from the model's own activations: its forward pass over
+  `quant.calibration_batches` train-split batches (wm.generate.
+  calibrate_state) records the largest |key| (after RoPE, as cached) and
+  |value| per channel, or the LSTM's largest |c|; scale = amax / 127 (an
+  all-zero channel gets 1). h = sigmoid(o) tanh(c) lies in (-1, 1), so its
+  scale is 1/127 without calibration. A value beyond its channel's
+  calibrated range saturates at +-127 codes (clipped, not wrapped): a risk
+  for inputs unlike the calibration data, or the LSTM's c on sequences
+  longer than the calibration's. The scales travel with the state as the
+  `scale` of a QArray that broadcasts over batch and slots (passed in as
+  arrays; decoding stays one compiled program).
 """
 
 from __future__ import annotations
