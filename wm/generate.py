@@ -139,7 +139,7 @@ def evaluate_decoded(config: ml_collections.ConfigDict, state: step_lib.State,
   if state_dtype is not None:
     config = config_lib.override(config, {"quant.state": state_dtype})
   setup = step_lib.make_setup(config)
-  score = int8_score = decode_metrics
+  score, int8_score = decode_metrics, None  # None: the int8-weight model is scored like the float one
   if config.quant.state == "int8_static":
     # Each model decodes with scales calibrated on its own activations: the int8-weight model's keys and
     # values differ slightly from the float model's.
@@ -148,8 +148,6 @@ def evaluate_decoded(config: ml_collections.ConfigDict, state: step_lib.State,
     if config.quant.weights == "int8":
       int8_score = functools.partial(decode_metrics,
                                      scales=calibrate_state(config, quant.quantize_model(model), setup))
-    else:
-      int8_score = score
   return evaluation.evaluate(config, setup, state, step_lib.make_eval_step(setup, score=score,
                                                                            int8_score=int8_score))
 
