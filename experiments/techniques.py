@@ -15,21 +15,25 @@ validation sample (train.eval_batches batches drawn with a fixed seed):
     cross-layer sharing, 8-bit Adam + sharing;
   evaluations of the baseline's trained parameters (train.init_from the
     baseline's workdir, train.steps = 0): int8 weights (post-training), the
-    KV cache in bfloat16 / int8 / float8_e4m3fn, int8 weights + int8 cache;
+    KV cache in bfloat16 / int8 (a float32 scale per cached row) / int8 with
+    static scales (calibrated once per model on quant.calibration_batches
+    train batches; the scales' bytes are shown apart, per model) /
+    float8_e4m3fn, int8 weights + int8 cache, int8 weights + static int8 cache;
   a fine-tune of the baseline: LoRA r = 8 (only the adapters train).
 
 Generation-state rows are scored through the decode path (wm.generate:
 teacher-forced, token by token, with the cache stored in the row's dtype)
 next to the same scoring with a float32 cache; every row's forward-pass
 evaluation is recorded too. An MQAR section (configs/mqar_transformer.py)
-does the same for the baseline, an int8 KV cache and int8 weights, with
-accuracy for quality.
+does the same for the baseline, an int8 KV cache (per-row and static
+scales) and int8 weights, with accuracy for quality.
 
 Per record, besides what wm.sweep records (parameter count, train-step bytes:
 analytic estimate and compiled memory_analysis, tokens/s, eval metrics):
 `serving` (parameter bytes as stored for the row, int8 values and scales
-counted, and generation-state bytes per sequence at data.seq_len:
-wm.memory.estimate.serving_bytes), `argument_bytes` (the compiled step's
+counted, generation-state bytes per sequence at data.seq_len, and
+`state_constant`, the bytes held once per model beside the state, i.e. the
+static int8 scales: wm.memory.estimate.serving_bytes), `argument_bytes` (the compiled step's
 arguments by part, wm.memory.measure.argument_bytes: its `opt_state` is the
 optimizer state), `decoded` / `decoded_float32` (evaluation through the decode
 path), and for pruned rows `export` (prune.export_sparse's bytes of the
@@ -67,6 +71,7 @@ SETTINGS = {
 # The baseline's workdir, where evaluation rows and the LoRA fine-tune read its parameters (wm.sweep.with_out).
 FROM_TEXT = "{out}/runs/baseline"
 FROM_MQAR = "{out}/runs/mqar_baseline"
+KV_LABELS = {"int8_static": "KV cache int8 (static scales)"}
 
 
 def _rows(s: dict) -> list[tuple[str, str, str, dict]]:
@@ -91,18 +96,22 @@ def _rows(s: dict) -> list[tuple[str, str, str, dict]]:
       ("text", "lora_r8", "LoRA r=8 fine-tune of the baseline",
        {"train.init_from": FROM_TEXT, "model.lora_rank": 8, "train.steps": s["lora_steps"],
         "optim.warmup_steps": max(s["lora_steps"] // 10, 1)}),
-      *(("text", f"kv_{kind}", f"KV cache {kind}", from_text(**{"quant.state": kind}))
-        for kind in ("bfloat16", "int8", "float8_e4m3fn")),
+      *(("text", f"kv_{kind}", KV_LABELS.get(kind, f"KV cache {kind}"), from_text(**{"quant.state": kind}))
+        for kind in ("bfloat16", "int8", "int8_static", "float8_e4m3fn")),
       ("text", "adamw8bit+share_layers_2", "8-bit Adam + sharing", {"optim.name": "adamw8bit",
                                                                      "model.share_layers": 2}),
       ("text", "int8_weights+kv_int8", "int8 weights + int8 KV cache",
        from_text(**{"quant.weights": "int8", "quant.state": "int8"})),
+      ("text", "int8_weights+kv_int8_static", "int8 weights + int8 static KV",
+       from_text(**{"quant.weights": "int8", "quant.state": "int8_static"})),
       # Subword tokens with each sequence covering about the baseline's bytes of text, so the row trains on
       # as many bytes and its sequence length (activations, KV cache) shrinks by the tokens per byte.
       ("text", "spm_1024", "subword tokens (SentencePiece BPE, 1024)",
        {"data.tokenizer": "spm:1024", "data.seq_len": s["spm_seq_len"]}),
       ("mqar", "mqar_baseline", "baseline (float32, AdamW)", {"quant.state": "float32"}),
       ("mqar", "mqar_kv_int8", "KV cache int8", {"train.init_from": FROM_MQAR, **evaluate, "quant.state": "int8"}),
+      ("mqar", "mqar_kv_int8_static", KV_LABELS["int8_static"],
+       {"train.init_from": FROM_MQAR, **evaluate, "quant.state": "int8_static"}),
       ("mqar", "mqar_int8_weights", "int8 weights (post-training)",
        {"train.init_from": FROM_MQAR, **evaluate, "quant.weights": "int8"}),
   ]
@@ -225,6 +234,12 @@ def _kib(n) -> str:
   return "" if n is None else f"{n / 2**10:.1f}"
 
 
+def _state_kib(serving: dict) -> str:
+  """Generation state per sequence, and the bytes held once per model beside it (static int8 scales)."""
+  constant = serving.get("state_constant", 0)
+  return _kib(serving["state"]) + (f" + {_kib(constant)} per model" if constant else "")
+
+
 def _ratio(x, base) -> str:
   return "" if x is None or not base else f"{x / base:.3f}"
 
@@ -254,7 +269,7 @@ def table_rows(records: list[dict], section: str) -> tuple[list[list], list[dict
       rows.append([technique, _mib(line["params"]), _ratio(line["params"], base_line["params"]),
                    _mib(r["estimate_bytes"]), _mib(r["compiled_bytes"]),
                    f"{_mib(r['estimate_terms']['optimizer'])} / {_mib(opt)}", _ratio(opt, base_opt),
-                   _kib(r["serving"]["state"]), _ratio(r["serving"]["state"], base["serving"]["state"]),
+                   _state_kib(r["serving"]), _ratio(r["serving"]["state"], base["serving"]["state"]),
                    f"{r['tokens_per_s']:.0f}" if trained and r.get("tokens_per_s") else "(eval)",
                    quality + f" [{line['how']}]", _ratio(q, base_line["quality"])])
       shown.append({**line, "name": r["name"], "params_ratio": line["params"] / base_line["params"],
@@ -282,7 +297,10 @@ def plot(records: list[dict], out: str, preset: str) -> None:
           f"export (prune.export_sparse). Train step = analytic estimate (wm.memory.estimate) and the compiled "
           f"step's memory_analysis (argument + output - alias + temp); optimizer state: the estimate's term and "
           f"the compiled step's opt_state argument (wm.memory.measure.argument_bytes). Generation state at "
-          f"data.seq_len per sequence. (eval) rows train nothing: they score the baseline's parameters. "
+          f"data.seq_len per sequence (its x base compares that); \"+ N per model\": the static int8 scales, "
+          f"float32 per layer, k/v, kv head and channel, held once however many sequences decode, calibrated "
+          f"on quant.calibration_batches train batches. (eval) rows train nothing: they score the baseline's "
+          f"parameters. "
           f"jax {first.get('jax_version')}, {first.get('backend')} ({first.get('device_kind')}), preset {preset}.")
   print(sweep.write_table(out, header, rows, align="lrrrrrrrrrlr", note=note))
 

@@ -21,7 +21,8 @@ def test_every_config_file_loads_and_validates():
 
 def test_quantization_levers_validate():
   for lever in ({"quant.weights": "int8", "quant.qat": "int8", "quant.state": "float8_e4m3fn"},
-                {"optim.name": "adamw8bit", "optim.state_block": 2048}, {"model.name": "lstm", "quant.state": "int8"}):
+                {"optim.name": "adamw8bit", "optim.state_block": 2048}, {"model.name": "lstm", "quant.state": "int8"},
+                {"quant.state": "int8_static", "quant.calibration_batches": 2}):
     config_lib.validate(config_lib.override(config_lib.base_config(), lever))
 
 
@@ -78,6 +79,11 @@ def test_wrong_type_is_named():
     ({"quant.weights": "int4"}, "quant.weights: 'int4' is not one of"),
     ({"quant.qat": "fp8"}, "quant.qat: 'fp8' is not one of"),
     ({"quant.state": "int4"}, "quant.state: 'int4' is not one of"),
+    # A misspelt static mode names every allowed value, the static one among them.
+    ({"quant.state": "int8-static"},
+     r"quant.state: 'int8-static' is not one of \('float32', 'bfloat16', 'int8', 'int8_static', 'float8_e4m3fn'\)"),
+    ({"quant.state": "int8_static", "quant.calibration_batches": 0}, "quant.calibration_batches: must be >= 1"),
+    ({"model.name": "vae", "quant.state": "int8_static"}, "quant.state: applies to the lstm and transformer"),
     ({"model.name": "vae", "quant.state": "int8"}, "quant.state: applies to the lstm and transformer"),
     ({"data.task": "text", "data.text_source": "files", "data.text_files": "/nonexistent/*.txt"},
      "matches no file"),

@@ -263,7 +263,10 @@ def test_techniques_plot(tmp_path):
     r = {**COMMON, "name": p.name, **p.labels, "overrides": o, "eval": ev, "estimate_bytes": 100 * 2**20,
          "compiled_bytes": 96 * 2**20, "estimate_terms": {"optimizer": 3 * 2**20},
          "argument_bytes": {"opt_state": (2**20 if o.get("optim.name") == "adamw8bit" else 3 * 2**20)},
-         "serving": {"params": (2**20 // 4 if int8w else 2**20), "state": (2**16 if kind == "int8" else 2**18)}}
+         "serving": {"params": (2**20 // 4 if int8w else 2**20), "state": (2**16 if kind in ("int8", "int8_static")
+                                                                            else 2**18)}}
+    if kind == "int8_static":
+      r["serving"]["state_constant"] = 2**10
     if int8w:
       r["param_bytes_float"] = 2**20
     if kind:
@@ -281,17 +284,20 @@ def test_techniques_plot(tmp_path):
   tech.plot(records, str(tmp_path), "quick")
   text = outputs(tmp_path, ["techniques"])
   table = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
-  # 17 points: QAT and 2:4 give a float and an int8 line, each baseline its decode-path line, MQAR a heading.
-  assert len(table) == 17 + 2 + 2 + 1
+  # 20 points: QAT and 2:4 give a float and an int8 line, each baseline its decode-path line, MQAR a heading.
+  assert len(table) == 20 + 2 + 2 + 1
   heading = next(i for i, line in enumerate(table) if "MQAR" in line)
   row = {line.split(" | ")[0][2:]: line.split(" | ") for line in table[:heading]}  # the text section
   mqar = {line.split(" | ")[0][2:]: line.split(" | ") for line in table[heading + 1:]}
   assert list(mqar) == ["baseline (float32, AdamW)", "baseline, scored through the decode path (float32 cache)",
-                        "KV cache int8", "int8 weights (post-training)"]
+                        "KV cache int8", "KV cache int8 (static scales)", "int8 weights (post-training)"]
   assert mqar["int8 weights (post-training)"][-2:] == ["0.9900 [forward]", "0.990 |"]
   assert row["2:4 pruning + int8 weights (sparsity 0.500)"][1:3] == ["0.125", "0.125"]
   assert row["8-bit Adam"][5:7] == ["3.000 / 1.000", "0.333"]
   assert row["KV cache int8"][7:9] == ["64.0", "0.250"]
   assert row["KV cache int8"][10].startswith("1.6320 (f32 cache 1.6000) [decode path]")
+  # Static int8 scales: per-sequence bytes and their ratio, the per-model scales shown beside them.
+  assert row["KV cache int8 (static scales)"][7:9] == ["64.0 + 1.0 per model", "0.250"]
+  assert row["int8 weights + int8 static KV"][7:9] == ["64.0 + 1.0 per model", "0.250"]
   assert row["QAT, int8 weights"][-1] == "1.010 |"
   assert "subword tokens (SentencePiece BPE, 1024) (0.410 tokens/byte, T=53)" in row

@@ -79,6 +79,22 @@ def eval_batches(config: ml_collections.ConfigDict):
     yield pipeline.read_rows(source, rows[index::count])
 
 
+def calibration_batches(config: ml_collections.ConfigDict):
+  """The train-split batches that calibrate quant.state = "int8_static" (numpy dicts, whole global batches).
+
+  `quant.calibration_batches` batches of data.batch_size examples, a
+  fixed-seed sample of the whole train split (`eval_indices`); a split
+  smaller than that gives all its examples, the last batch short rather than
+  padded (a padding row's tokens would enter the maxima). Every process reads
+  the same batches, so every process calibrates the same scales.
+  """
+  source = pipeline.examples(config, "train")
+  batch = config.data.batch_size
+  order = eval_indices(len(source), batch, config.quant.calibration_batches)
+  for start in range(0, len(order), batch):
+    yield pipeline.read_rows(source, order[start:start + batch])
+
+
 def evaluate(config, setup, state, eval_step) -> dict[str, Any]:
   """Mean metrics over the validation split, or a fixed sample of `train.eval_batches` batches of it.
 

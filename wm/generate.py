@@ -3,7 +3,10 @@
 Language models decode one token at a time from their working memory: the
 LSTM's (h, c) or the Transformer's KV cache (a ring buffer of `window` slots
 when the model uses a sliding window, so memory stays bounded however long the
-sample), stored in `quant.state` (float32, bfloat16, int8, float8_e4m3fn).
+sample), stored in `quant.state` (float32, bfloat16, int8, int8_static,
+float8_e4m3fn). "int8_static" stores int8 codes on static per-channel scales
+that `calibrate_state` computes once per model from its own activations on
+training batches; the scales travel with the memory as arrays.
 Latent models sample a code from the prior and decode from it. With
 `quant.weights = "int8"` the model runs on int8 matmul weights.
 
@@ -15,6 +18,7 @@ footing as the forward pass's validation loss.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -48,14 +52,53 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str) -> nnx.Module
   return quant.quantize_model(model) if config.quant.weights == "int8" else model
 
 
-def init_memory(model: nnx.Module, batch: int, max_len: int):
-  """The empty working memory decoding starts from: a KV cache for `max_len` tokens, or a recurrent state."""
+def init_memory(model: nnx.Module, batch: int, max_len: int, scales: dict[str, jax.Array] | None = None):
+  """The empty working memory decoding starts from: a KV cache for `max_len` tokens, or a recurrent state.
+
+  `scales`: the int8_static scales (`calibrate_state`); only that state dtype reads them.
+  """
+  kw = {} if scales is None else {"scales": scales}
   if hasattr(model, "init_cache"):
-    return model.init_cache(batch, max_len)
-  return model.init_state(batch)
+    return model.init_cache(batch, max_len, **kw)
+  return model.init_state(batch, **kw)
 
 
-def decode_metrics(model: nnx.Module, batch: dict, key: jax.Array | None = None) -> dict[str, jax.Array]:
+def calibrate_state(config: ml_collections.ConfigDict, model: nnx.Module,
+                    setup: step_lib.Setup | None = None) -> dict[str, jax.Array]:
+  """Static int8 scales of the generation state: amax / 127 per layer and cached channel.
+
+  The model's forward pass over `quant.calibration_batches` train batches
+  (`evaluation.calibration_batches`) records the largest magnitude of every
+  channel the state stores (Transformer: keys after RoPE and values, per
+  layer, kv head and head_dim channel; LSTM: c per layer and channel, h's
+  bound being 1), the maximum over batches, positions and sequences. Values
+  beyond it saturate when decoding.
+
+  Args:
+    config: the run's config (its data and quant.calibration_batches).
+    model: the model as it decodes (float or int8 weights).
+    setup: the mesh and rules the model's arrays live on, if any.
+
+  Returns:
+    {"k", "v"} (Transformer) or {"h", "c"} (LSTM) float32 scales [layers, ...].
+  """
+  amax_fn = nnx.jit(lambda m, tokens: m.state_amax(tokens))
+  amax = None
+  for batch in evaluation.calibration_batches(config):
+    if setup is None:
+      got = amax_fn(model, jnp.asarray(batch["inputs"]))
+    else:
+      with parallel.activate(setup.mesh, setup.rules):
+        got = amax_fn(model, jnp.asarray(batch["inputs"]))
+    amax = got if amax is None else jax.tree.map(jnp.maximum, amax, got)
+  if amax is None:
+    raise ValueError(f"the train split of {config.data.task!r} is empty: nothing to calibrate "
+                     f"quant.state=\"int8_static\" on")
+  return jax.device_get(quant.static_scales(amax))
+
+
+def decode_metrics(model: nnx.Module, batch: dict, key: jax.Array | None = None,
+                   scales: dict[str, jax.Array] | None = None) -> dict[str, jax.Array]:
   """`layers.lm_loss`'s metrics of `batch`, scored one token at a time through `decode_step`.
 
   Teacher-forced: position i consumes the true input token, whatever the
@@ -63,7 +106,8 @@ def decode_metrics(model: nnx.Module, batch: dict, key: jax.Array | None = None)
   storage (float32 state: float rounding; a quantized state: its error,
   which compounds over positions the way it does in generation). A
   `lax.scan` over positions, so it compiles once for any length. The
-  signature is `step.make_eval_step`'s `score`.
+  signature is `step.make_eval_step`'s `score` (bind `scales`, the
+  int8_static scales of `calibrate_state`, with functools.partial).
   """
   del key  # decoding is deterministic (no dropout, no latent samples)
   graphdef, variables = nnx.split(model)
@@ -77,7 +121,7 @@ def decode_metrics(model: nnx.Module, batch: dict, key: jax.Array | None = None)
     return (memory, jax.tree.map(jnp.add, sums, layers.lm_loss_sums(logits, targets, weights))), None
 
   zero = jnp.zeros((), jnp.float32)
-  init = (init_memory(model, b, t), {"xent": zero, "correct": zero, "weight": zero})
+  init = (init_memory(model, b, t, scales), {"xent": zero, "correct": zero, "weight": zero})
   columns = tuple(jnp.swapaxes(batch[k], 0, 1) for k in ("inputs", "targets", "weights"))  # [t, b]: scan over t
   (_, sums), _ = jax.lax.scan(body, init, columns)
   return layers.lm_loss_from_sums(sums)[1]
@@ -95,14 +139,24 @@ def evaluate_decoded(config: ml_collections.ConfigDict, state: step_lib.State,
   if state_dtype is not None:
     config = config_lib.override(config, {"quant.state": state_dtype})
   setup = step_lib.make_setup(config)
-  return evaluation.evaluate(config, setup, state, step_lib.make_eval_step(setup, score=decode_metrics))
+  score, int8_score = decode_metrics, None  # None: the int8-weight model is scored like the float one
+  if config.quant.state == "int8_static":
+    # Each model decodes with scales calibrated on its own activations: the int8-weight model's keys and
+    # values differ slightly from the float model's.
+    model = step_lib.model_from_state(setup, state)
+    score = functools.partial(decode_metrics, scales=calibrate_state(config, model, setup))
+    if config.quant.weights == "int8":
+      int8_score = functools.partial(decode_metrics,
+                                     scales=calibrate_state(config, quant.quantize_model(model), setup))
+  return evaluation.evaluate(config, setup, state, step_lib.make_eval_step(setup, score=score,
+                                                                           int8_score=int8_score))
 
 
 def sample_tokens(model: nnx.Module, prompt: np.ndarray, length: int, key: jax.Array,
-                  temperature: float = 1.0) -> np.ndarray:
-  """Continues `prompt` [b, p] by `length` tokens, one decode step at a time."""
+                  temperature: float = 1.0, scales: dict[str, jax.Array] | None = None) -> np.ndarray:
+  """Continues `prompt` [b, p] by `length` tokens, one decode step at a time (`scales`: int8_static's)."""
   batch, p = prompt.shape
-  memory = init_memory(model, batch, p + length)
+  memory = init_memory(model, batch, p + length, scales)
 
   @nnx.jit
   def step(model, tokens, memory, key):
@@ -141,7 +195,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | None, *, num_samples:
                np.frombuffer((prompt or "\n").encode(), np.uint8).astype(np.int32))
     else:
       start = np.array([int(t) for t in prompt.split()] or [1], np.int32)
-    tokens = sample_tokens(model, np.tile(start, (num_samples, 1)), length, key)
+    scales = calibrate_state(config, model) if config.quant.state == "int8_static" else None
+    tokens = sample_tokens(model, np.tile(start, (num_samples, 1)), length, key, scales=scales)
   for row in tokens:
     if byte_level:
       raw = tokenizer.decode(row) if tokenizer else bytes(int(t) % 256 for t in row)

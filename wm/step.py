@@ -323,7 +323,8 @@ def _model_metrics(model: nnx.Module, batch: dict, key: jax.Array) -> dict[str, 
   return model.loss(batch, train=False, rngs=nnx.Rngs(key))[1]
 
 
-def make_eval_step(setup: Setup, score: Callable[[nnx.Module, dict, jax.Array], dict] | None = None
+def make_eval_step(setup: Setup, score: Callable[[nnx.Module, dict, jax.Array], dict] | None = None,
+                   int8_score: Callable[[nnx.Module, dict, jax.Array], dict] | None = None
                    ) -> Callable[[State, dict, jax.Array], dict]:
   """Metrics of the model on one batch, weighted sums (combine with `finish_sums`).
 
@@ -337,10 +338,13 @@ def make_eval_step(setup: Setup, score: Callable[[nnx.Module, dict, jax.Array], 
     score: score(model, batch, key) -> the model's metrics (with "weight");
       default the model's own loss (the forward pass). wm.generate.decode_metrics
       scores through the decode path instead.
+    int8_score: the same for the int8-weight model; default `score` (the
+      decode path gives each model its own calibrated int8_static scales).
   """
   graphdef = setup.graphdef
   int8 = setup.config.quant.weights == "int8"
   score = score or _model_metrics
+  int8_score = int8_score or score
 
   def eval_fn(params, rest, batch, key):
     # Subword text carries the bytes each target covers: their total over the
@@ -352,7 +356,7 @@ def make_eval_step(setup: Setup, score: Callable[[nnx.Module, dict, jax.Array], 
     sums = _weighted_sum(score(model, batch, key))
     if int8:
       quantized = nnx.merge(graphdef, quant.quantize_params(params, setup.weight_axes), rest)
-      q_metrics = score(quantized, batch, key)
+      q_metrics = int8_score(quantized, batch, key)
       sums.update({f"int8_{k}": v for k, v in _weighted_sum(q_metrics).items() if k != "weight"})
     # Examples with at least one scored token; weight-0 padding rows do not count.
     sums["examples"] = jnp.sum((jnp.sum(batch["weights"], axis=-1) > 0).astype(jnp.float32))

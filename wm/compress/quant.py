@@ -1,4 +1,4 @@
-"""Int8 weights (post-training and quantization-aware) and int8/fp8 generation state.
+"""Int8 weights (post-training and quantization-aware) and int8/fp8 generation state (dynamic or static scales).
 
 Weights: per-channel symmetric int8, weight-only. For a weight W whose
 contracted (input) axes are I and whose other axes index output channels j,
@@ -34,12 +34,35 @@ vectors, a few hundred bytes per layer.
   copy of the weights while it runs (wm.memory.estimate counts it).
 
 Generation state (`quant.state`): the Transformer's KV cache and the LSTM's
-(h, c) are stored between tokens in float32, bfloat16, int8 (symmetric, one
-float32 scale per row of the last axis: per cached key/value head vector,
-per sequence's h or c) or float8_e4m3fn (Micikevicius et al. 2022: 4
-exponent bits, 3 mantissa bits, finite range +-448, no scale: values are
-clipped to the range, and our pre-norm models keep keys, values and states
-at unit scale, far inside it). Bytes per element: 4, 2, 1 + 4/row, 1.
+(h, c) are stored between tokens in one of
+
+- float32, bfloat16: a cast; 4 and 2 bytes per element.
+- float8_e4m3fn (Micikevicius et al. 2022: 4 exponent bits, 3 mantissa bits,
+  finite range +-448, no scale): values are clipped to the range, and our
+  pre-norm models keep keys, values and states at unit scale, far inside it;
+  1 byte per element.
+- int8 (dynamic): symmetric, one float32 scale computed per row of the last
+  axis as it is written (per cached key/value head vector, per sequence's h
+  or c); 1 + 4/row bytes per element (head_dim 32: 1.125, 0.281x float32).
+- int8_static: symmetric int8 codes on a static scale per channel, as
+  deployed int8 KV caches do (TensorRT-LLM's and vLLM's calibrated KV
+  scales): Transformer: one per (layer, keys or values, kv head, head_dim
+  channel); LSTM: one per (layer, h or c, channel). The cache holds the codes
+  alone, exactly 1 byte per element per sequence (0.25x float32, 0.5x
+  bfloat16); the float32 scales are a per-model constant, counted apart
+  (`state_constant_bytes`: layers * 2 * kv_heads * head_dim * 4 bytes, or
+  layers * 2 * d * 4), held once however many sequences decode. Scales are
+  calibrated once from the model's own activations: its forward pass over
+  `quant.calibration_batches` train-split batches (wm.generate.
+  calibrate_state) records the largest |key| (after RoPE, as cached) and
+  |value| per channel, or the LSTM's largest |c|; scale = amax / 127 (an
+  all-zero channel gets 1). h = sigmoid(o) tanh(c) lies in (-1, 1), so its
+  scale is 1/127 without calibration. A value beyond its channel's
+  calibrated range saturates at +-127 codes (clipped, not wrapped): a risk
+  for inputs unlike the calibration data, or the LSTM's c on sequences
+  longer than the calibration's. The scales travel with the state as the
+  `scale` of a QArray that broadcasts over batch and slots (passed in as
+  arrays; decoding stays one compiled program).
 """
 
 from __future__ import annotations
@@ -205,14 +228,52 @@ def check_state_dtype(kind: str) -> str:
   return kind
 
 
-def encode_state(x: jax.Array, kind: str) -> jax.Array | QArray:
-  """A state tensor as stored between tokens: cast, clipped to fp8 range, or int8 with a scale per row."""
+def static_scales(amax: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Static int8 scales from calibrated absolute maxima: amax / 127 (an all-zero channel gets scale 1)."""
+  return {k: jnp.where(a > 0, a / _QMAX, 1.0).astype(jnp.float32) for k, a in amax.items()}
+
+
+def empty_state(shape: tuple[int, ...], kind: str, dtype, scale: jax.Array | None = None) -> jax.Array | QArray:
+  """A zero state of `shape` as stored between tokens.
+
+  Args:
+    shape: the state's shape.
+    kind: its storage (`quant.state`).
+    dtype: the compute dtype it is read back in.
+    scale: "int8_static" only: the calibrated scale, broadcasting against
+      `shape` (size 1 on the batch and slot axes): a per-model constant the
+      state carries along, never rewritten.
+  """
+  if kind == "int8_static":
+    if scale is None:
+      raise ValueError('quant.state="int8_static" needs the calibrated scales: pass scales= (from '
+                       'wm.generate.calibrate_state) when creating the generation state')
+    return QArray(jnp.zeros(shape, jnp.int8), jnp.asarray(scale, jnp.float32))
+  return encode_state(jnp.zeros(shape, dtype), kind)
+
+
+def encode_state(x: jax.Array, kind: str, scale: jax.Array | None = None) -> jax.Array | QArray:
+  """A state tensor as stored between tokens: cast, clipped to fp8 range, or int8.
+
+  "int8" computes a scale per row (a QArray); "int8_static" returns the int8
+  codes alone, on the grid of the given calibrated `scale` (values beyond
+  127 * scale saturate).
+  """
   if kind == "int8":
     return quantize(x, (-1,))
+  if kind == "int8_static":
+    return jnp.clip(jnp.round(x.astype(jnp.float32) / scale), -_QMAX, _QMAX).astype(jnp.int8)
   if kind == "float8_e4m3fn":
     # float8_e4m3fn has no infinity: a cast beyond +-448 gives NaN, so saturate first.
     return jnp.clip(x.astype(jnp.float32), -_FP8_MAX, _FP8_MAX).astype(jnp.float8_e4m3fn)
   return x.astype(kind)
+
+
+def update_state(old: jax.Array | QArray, new: jax.Array, kind: str) -> jax.Array | QArray:
+  """`new` encoded in the storage of `old`; a static-scale state keeps `old`'s (calibrated) scale."""
+  if kind == "int8_static":
+    return QArray(encode_state(new, kind, old.scale), old.scale)
+  return encode_state(new, kind)
 
 
 def decode_state(s: jax.Array | QArray, dtype) -> jax.Array:
@@ -221,7 +282,18 @@ def decode_state(s: jax.Array | QArray, dtype) -> jax.Array:
 
 
 def state_row_bytes(kind: str, row: int) -> int:
-  """Stored bytes of one state row of `row` elements (int8 adds its float32 scale)."""
+  """Stored bytes per sequence of one state row of `row` elements (int8 adds its float32 scale).
+
+  "int8_static" stores codes alone: its scales are a per-model constant
+  (`state_constant_bytes`), not part of any sequence's state.
+  """
   if kind == "int8":
     return row + 4
+  if kind == "int8_static":
+    return row
   return row * jnp.dtype(kind).itemsize
+
+
+def state_constant_bytes(kind: str, elements: int) -> int:
+  """Bytes held once per model beside the state: the float32 static scales of `elements` channels, else 0."""
+  return 4 * elements if kind == "int8_static" else 0

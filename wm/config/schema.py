@@ -16,7 +16,9 @@ SCHEDULES = ("cosine", "inverse_sqrt", "constant")
 DTYPES = ("float32", "bfloat16")
 QUANT_WEIGHTS = ("none", "int8")  # quant.weights
 QAT_MODES = ("none", "int8")  # quant.qat
-STATE_DTYPES = ("float32", "bfloat16", "int8", "float8_e4m3fn")  # quant.state, or "" for the compute dtype
+# quant.state, or "" for the compute dtype. "int8": a float32 scale per cached row; "int8_static": calibrated
+# per-channel scales held once per model, so each cached element costs exactly 1 byte (wm/compress/quant.py).
+STATE_DTYPES = ("float32", "bfloat16", "int8", "int8_static", "float8_e4m3fn")
 PRUNE_METHODS = ("", "magnitude", "2:4", "n:m")  # prune.method; "" = off
 KL_SCHEDULES = ("constant", "linear", "logistic", "cyclical")
 NONFINITE_ACTIONS = ("stop", "skip_batch")
@@ -119,6 +121,9 @@ def base_config() -> ml_collections.ConfigDict:
   q.weights = "none"  # "int8": evaluation reports int8-weight metrics too, and generation runs on int8 weights
   q.qat = "none"  # "int8": train on fake-quantized int8 weights (straight-through); stored bytes unchanged
   q.state = ""  # generation state (KV cache, LSTM h/c): "" = compute dtype, or one of STATE_DTYPES
+  # quant.state = "int8_static": train-split batches (data.batch_size each, a fixed-seed sample) whose forward
+  # pass calibrates the static scales (the absolute maximum of each cached channel).
+  q.calibration_batches = 8
 
   # Pruning lever (wm/compress/prune.py, docs/compression.md): gradual magnitude pruning of the matmul
   # weights with Zhu & Gupta's (2017) cubic schedule; masks live in the optimizer state.

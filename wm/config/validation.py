@@ -149,6 +149,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _need(q.qat in QAT_MODES, "quant.qat", f"{q.qat!r} is not one of {QAT_MODES}")
   _need(q.state == "" or q.state in STATE_DTYPES, "quant.state",
         f"{q.state!r} is not one of {STATE_DTYPES} (or \"\" for the compute dtype)")
+  _need(q.calibration_batches >= 1, "quant.calibration_batches",
+        f"must be >= 1 train batch for the int8_static scales, got {q.calibration_batches}")
   if q.state:
     _need(m.name in ("lstm", "transformer"), "quant.state",
           f"applies to the lstm and transformer language models; model.name={m.name!r} keeps its state in "

@@ -190,6 +190,8 @@ def serving_bytes(config: ml_collections.ConfigDict, context_len: int | None = N
      matmul weights under quant.weights = "int8", the rest in param_dtype),
      "state": working memory for `context_len` tokens (default data.seq_len)
      and `batch` sequences in quant.state (DESIGN.md definition),
+     "state_constant": bytes held once per model beside the state, however
+     many sequences (quant.state = "int8_static": its float32 scales; else 0),
      "total": their sum}. Nothing is created: shapes come from nnx.eval_shape.
   """
   def build():
@@ -199,4 +201,5 @@ def serving_bytes(config: ml_collections.ConfigDict, context_len: int | None = N
   model = nnx.eval_shape(build)
   params = quant.param_bytes(model)
   state = int(model.state_bytes(context_len or config.data.seq_len, batch=batch))
-  return {"params": params, "state": state, "total": params + state}
+  constant = int(model.state_constant_bytes()) if hasattr(model, "state_constant_bytes") else 0
+  return {"params": params, "state": state, "state_constant": constant, "total": params + state + constant}

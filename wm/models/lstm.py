@@ -46,8 +46,12 @@ keeps one matmul per step.
 Working memory between tokens is (h, c) per layer: layers * 2 * d values.
 Gate nonlinearities run in float32; the carried state is kept in the compute
 dtype, and between generation steps in `quant.state` (float32, bfloat16,
-int8 with a scale per row, or float8_e4m3fn: wm.compress.quant), which is
-what `state_bytes` counts.
+int8 with a scale per row, int8 with static calibrated scales, or
+float8_e4m3fn: wm.compress.quant), which is what `state_bytes` counts.
+Static scales: h = sigmoid(o) tanh(c) lies in (-1, 1), so its scale is 1/127
+for every channel without calibration; c is unbounded, and its scale per
+layer and channel comes from the largest |c| the model reaches on training
+data (`state_amax`).
 """
 
 from __future__ import annotations
@@ -69,7 +73,8 @@ from wm.models import remat as R
 from wm.models import sharing
 from wm.typing import Array, Batch, Float, Hidden, Int, Logits, Tokens
 
-# Per layer (h [b, d], c [b, d]); between generation steps in the state dtype (int8: quant.QArray, a scale per row).
+# Per layer (h [b, d], c [b, d]); between generation steps in the state dtype (int8: quant.QArray, a scale per row;
+# int8_static: quant.QArray with the layer's calibrated scale [1, d], the same for every sequence).
 State = list[tuple[Any, Any]]
 
 REMAT_TAGS = frozenset({"gates", "h", "c"})
@@ -292,13 +297,62 @@ class LSTMStack(nnx.Module):
 
     self.stacked = make(rngs) if self.num_stacked else None
 
-  def init_state(self, batch: int) -> State:
-    zeros = quant.encode_state(jnp.zeros((batch, self.d), self.dtype), self.state_dtype)
+  def zero_state(self, batch: int) -> State:
+    """The zero (h, c) of every layer in the compute dtype: where a forward pass over a sequence starts."""
+    zeros = jnp.zeros((batch, self.d), self.dtype)
     return [(zeros, zeros) for _ in range(self.num_layers)]
+
+  def init_state(self, batch: int, scales: dict[str, jax.Array] | None = None) -> State:
+    """The zero state generation starts from, stored in the state dtype.
+
+    `scales` ({"h", "c": [l, d]}, from `quant.static_scales` of `state_amax`)
+    is needed by, and only used for, quant.state = "int8_static".
+    """
+    def empty(name, i):
+      scale = None if scales is None else jnp.asarray(scales[name])[i][None]  # [1, d]
+      return quant.empty_state((batch, self.d), self.state_dtype, self.dtype, scale)
+
+    return [(empty("h", i), empty("c", i)) for i in range(self.num_layers)]
 
   def state_bytes(self, batch: int = 1) -> int:
     """layers * 2 (h, c) * batch rows of d elements in the state dtype."""
     return self.num_layers * 2 * batch * quant.state_row_bytes(self.state_dtype, self.d)
+
+  def state_constant_bytes(self) -> int:
+    """Bytes held once per model beside the state: int8_static's float32 scales, layers * 2 * d."""
+    return quant.state_constant_bytes(self.state_dtype, self.num_layers * 2 * self.d)
+
+  def layer(self, i: int) -> LSTMLayer:
+    """Layer i as a standalone module (a view of its weight set)."""
+    if self.first is not None:
+      if i == 0:
+        return self.first
+      i -= 1
+    graphdef, state = nnx.split(self.stacked)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i // self.share], state))
+
+  def state_amax(self, x: Float[Array, "b t d_in"]) -> dict[str, jax.Array]:
+    """{"h", "c": [l, d]}: the bounds of the stored (h, c) over a forward pass of x from the zero state.
+
+    c: the largest |c_t| each layer reaches over batch and time steps. h:
+    sigmoid(o) tanh(c) lies in (-1, 1), so its bound is 1 whatever the data
+    (a static scale of exactly 1/127).
+    """
+    x = x.astype(self.dtype)
+    amax = []
+    for i in range(self.num_layers):
+      layer = self.layer(i)
+      params, zeros = layer.cell_params(), jnp.zeros((x.shape[0], self.d), self.dtype)
+
+      def step(carry, xp):
+        carry, h = lstm_cell(params, carry, xp)
+        return carry, (h, carry[1])
+
+      _, (hs, cs) = jax.lax.scan(step, (zeros, zeros), jnp.swapaxes(layer.w_x(x), 0, 1))
+      amax.append(jnp.max(jnp.abs(cs.astype(jnp.float32)), axis=(0, 1)))
+      x = jnp.swapaxes(hs, 0, 1)
+    c = jnp.stack(amax)
+    return {"h": jnp.ones_like(c), "c": c}
 
   def _decoded(self, state: State) -> State:
     return [(quant.decode_state(h, self.dtype), quant.decode_state(c, self.dtype)) for h, c in state]
@@ -343,7 +397,7 @@ class LSTMStack(nnx.Module):
     Returns:
       (outputs of the last layer [b, t, d], final per-layer (h, c)).
     """
-    state = self._decoded(initial_state if initial_state is not None else self.init_state(x.shape[0]))
+    state = self._decoded(initial_state) if initial_state is not None else self.zero_state(x.shape[0])
     chunk = R.resolve_time_chunk(self.time_chunk if time_chunk is None else time_chunk, x.shape[1])
     keys = None if dropout_key is None or self.dropout <= 0 else jax.random.split(dropout_key, self.num_layers)
 
@@ -365,9 +419,12 @@ class LSTMStack(nnx.Module):
       carry, y = layer.step(x, h, c)
       return y, carry
 
-    y, state = self._run(body, x_t.astype(self.dtype), self._decoded(state), None, remat=False)
-    # Stored in the state dtype until the next token (the cell itself always runs in the compute dtype).
-    return y, [(quant.encode_state(h, self.state_dtype), quant.encode_state(c, self.state_dtype)) for h, c in state]
+    y, new = self._run(body, x_t.astype(self.dtype), self._decoded(state), None, remat=False)
+    # Stored in the state dtype until the next token (the cell itself always runs in the compute dtype);
+    # int8_static keeps each layer's calibrated scales.
+    kind = self.state_dtype
+    return y, [(quant.update_state(h0, h, kind), quant.update_state(c0, c, kind))
+               for (h0, c0), (h, c) in zip(state, new)]
 
 
 class Model(nnx.Module):
@@ -461,7 +518,7 @@ class Model(nnx.Module):
     run_chunk = jax.checkpoint(run_chunk, policy=jax.checkpoint_policies.nothing_saveable,
                                prevent_cse=False)  # the scan already keeps XLA from merging the recomputation
     zero = jnp.zeros((), jnp.float32)
-    init = (self.init_state(b), {"xent": zero, "correct": zero, "weight": zero})
+    init = (self.stack.zero_state(b), {"xent": zero, "correct": zero, "weight": zero})
     (_, sums), _ = jax.lax.scan(run_chunk, init, jnp.arange(t // chunk))
     return sums
 
@@ -471,13 +528,22 @@ class Model(nnx.Module):
   def state_bytes(self, context_len: int, batch: int = 1) -> int:
     """Working memory (DESIGN.md): layers * 2 * d * bytes * batch, independent of context_len.
 
-    Bytes per element are those of `quant.state` (int8: 1, plus a float32 scale per row of d).
+    Bytes per element are those of `quant.state` (int8: 1, plus a float32 scale per row of d;
+    int8_static: exactly 1, its scales being `state_constant_bytes`).
     """
     del context_len
     return self.stack.state_bytes(batch)
 
-  def init_state(self, batch: int) -> State:
-    return self.stack.init_state(batch)
+  def state_constant_bytes(self) -> int:
+    """Bytes held once per model (not per sequence) beside the state: the int8_static scales, else 0."""
+    return self.stack.state_constant_bytes()
+
+  def state_amax(self, tokens: Tokens) -> dict[str, jax.Array]:
+    """{"h", "c": [l, d]}: the calibration statistic of int8_static (LSTMStack.state_amax)."""
+    return self.stack.state_amax(self.embed(tokens))
+
+  def init_state(self, batch: int, scales: dict[str, jax.Array] | None = None) -> State:
+    return self.stack.init_state(batch, scales)
 
   def decode_step(self, tokens: Int[Array, "b"], state: State) -> tuple[Float[Array, "b v"], State]:
     """Consumes one token per sequence; returns next-token logits and the new state."""

@@ -52,7 +52,8 @@ from wm.typing import Array, Batch, Float, Hidden, Int, Logits, Tokens
 
 REMAT_TAGS = frozenset({"qkv", "attn_context", "attn_out", "mlp_hidden"})
 
-# {"k", "v": [l, b, slots, k, e] in the state dtype (int8: a quant.QArray with a scale per [l, b, slot, k]),
+# {"k", "v": [l, b, slots, k, e] in the state dtype (int8: a quant.QArray with a scale per [l, b, slot, k];
+#  int8_static: a quant.QArray whose calibrated scale [l, 1, 1, k, e] is the same for every sequence and slot),
 #  "pos": int32 tokens consumed so far}
 Cache = dict[str, Any]
 
@@ -160,6 +161,17 @@ class Block(nnx.Module):
     keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
     return self._finish(x, ctx, keys)
 
+  def kv_amax(self, x: Hidden, positions: Int[Array, "t"]) -> tuple[Hidden, jax.Array, jax.Array]:
+    """The block's output (no dropout), and |k| and |v| maxima over batch and positions, [k, e] each.
+
+    Keys are taken after the rotary embedding, exactly as `decode` caches them.
+    """
+    q, k, v = self._qkv(x, positions)
+    ctx = attention_lib.attend(q, k, v, positions, positions, window=self.window, implementation=self.impl,
+                               block=self.block, reference=attention)
+    amax = lambda a: jnp.max(jnp.abs(a.astype(jnp.float32)), axis=(0, 1))
+    return self._finish(x, ctx, (None, None)), amax(k), amax(v)
+
   def decode(self, x: Float[Array, "b 1 d"], k_cache: Any, v_cache: Any, pos: jax.Array, state_dtype: str):
     """One token at absolute position `pos` against a cache of S slots (slot = position mod S).
 
@@ -182,8 +194,12 @@ class Block(nnx.Module):
     ctx = attention(q, read(k_cache, k), read(v_cache, v), jnp.full((b, 1), pos), k_pos, window=self.window,
                     k_valid=k_pos >= 0)
 
-    # An int8 entry is a QArray (values and per-row scales, both with the slot axis at 1): write both.
     def write(cache, new):
+      if state_dtype == "int8_static":  # codes only: the calibrated scale is the same for every slot
+        codes = quant.encode_state(new, state_dtype, cache.scale)
+        return quant.QArray(jax.lax.dynamic_update_slice_in_dim(cache.values, codes, pos % slots, axis=1),
+                            cache.scale)
+      # An int8 entry is a QArray (values and per-row scales, both with the slot axis at 1): write both.
       return jax.tree.map(lambda c, n: jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), pos % slots, axis=1),
                           cache, quant.encode_state(new, state_dtype))
 
@@ -271,21 +287,47 @@ class TransformerStack(nnx.Module):
   def cache_slots(self, max_len: int) -> int:
     return min(self.window, max_len) if self.window else max_len
 
-  def init_cache(self, batch: int, max_len: int) -> Cache:
+  def init_cache(self, batch: int, max_len: int, scales: dict[str, jax.Array] | None = None) -> Cache:
     """Empty KV cache: a ring buffer of `window` slots, or max_len slots for full attention.
 
     Slots: min(window, max_len) with a window, else max_len. With window <=
     max_len decoding may run past max_len (the ring only overwrites positions
     that have left the window); otherwise at most max_len tokens fit.
+    `scales` ({"k", "v": [l, k, e]}, from `quant.static_scales` of
+    `state_amax`) is needed by, and only used for, quant.state = "int8_static".
     """
     shape = (self.num_layers, batch, self.cache_slots(max_len), self.kv_heads, self.head_dim)
-    empty = quant.encode_state(jnp.zeros(shape, self.dtype), self.state_dtype)
-    return {"k": empty, "v": empty, "pos": jnp.zeros((), jnp.int32)}
+
+    def empty(name):
+      scale = None if scales is None else jnp.asarray(scales[name])[:, None, None]  # [l, 1, 1, k, e]
+      return quant.empty_state(shape, self.state_dtype, self.dtype, scale)
+
+    return {"k": empty("k"), "v": empty("v"), "pos": jnp.zeros((), jnp.int32)}
 
   def state_bytes(self, context_len: int, batch: int = 1) -> int:
     """layers * 2 (k, v) * kv_heads * min(L, window or L) * batch rows of head_dim elements in the state dtype."""
     rows = self.num_layers * 2 * self.kv_heads * self.cache_slots(context_len) * batch
     return rows * quant.state_row_bytes(self.state_dtype, self.head_dim)
+
+  def state_constant_bytes(self) -> int:
+    """Bytes held once per model beside the cache: int8_static's float32 scales, layers * 2 * kv_heads * head_dim."""
+    return quant.state_constant_bytes(self.state_dtype, self.num_layers * 2 * self.kv_heads * self.head_dim)
+
+  def state_amax(self, x: Hidden) -> dict[str, jax.Array]:
+    """{"k", "v": [l, k, e]}: the largest |key| (after RoPE) and |value| each layer caches, over batch and positions.
+
+    The forward pass of the embeddings x [b, t, d] at positions 0..t-1, layer
+    by layer (a Python loop: calibration runs rarely, and a shared weight set
+    still caches per layer).
+    """
+    positions = jnp.arange(x.shape[1], dtype=jnp.int32)
+    x = x.astype(self.dtype)
+    ks, vs = [], []
+    for i in range(self.num_layers):
+      x, k, v = self.layer(i).kv_amax(x, positions)
+      ks.append(k)
+      vs.append(v)
+    return {"k": jnp.stack(ks), "v": jnp.stack(vs)}
 
   def decode_step(self, x: Float[Array, "b d"], cache: Cache) -> tuple[Float[Array, "b d"], Cache]:
     """One position through all blocks, reading and writing the cache."""
@@ -344,12 +386,21 @@ class Model(nnx.Module):
   def state_bytes(self, context_len: int, batch: int = 1) -> int:
     """Working memory (DESIGN.md): layers * 2 * kv_heads * head_dim * min(L, window or L) * bytes * batch.
 
-    Bytes per element are those of `quant.state` (int8: 1, plus a float32 scale per head_dim row).
+    Bytes per element are those of `quant.state` (int8: 1, plus a float32 scale per head_dim row;
+    int8_static: exactly 1, its scales being `state_constant_bytes`).
     """
     return self.stack.state_bytes(context_len, batch)
 
-  def init_cache(self, batch: int, max_len: int) -> Cache:
-    return self.stack.init_cache(batch, max_len)
+  def state_constant_bytes(self) -> int:
+    """Bytes held once per model (not per sequence) beside the cache: the int8_static scales, else 0."""
+    return self.stack.state_constant_bytes()
+
+  def state_amax(self, tokens: Tokens) -> dict[str, jax.Array]:
+    """{"k", "v": [l, kv_heads, head_dim]}: the calibration statistic of int8_static (TransformerStack.state_amax)."""
+    return self.stack.state_amax(self.embed(tokens))
+
+  def init_cache(self, batch: int, max_len: int, scales: dict[str, jax.Array] | None = None) -> Cache:
+    return self.stack.init_cache(batch, max_len, scales)
 
   def decode_step(self, tokens: Int[Array, "b"], cache: Cache) -> tuple[Float[Array, "b v"], Cache]:
     """Consumes one token per sequence; returns next-token logits and the updated cache."""
