@@ -21,7 +21,7 @@ from wm import config as config_lib
 from wm import parallel
 from wm.memory import estimate as estimate_lib
 from wm.memory import calibration, measure, plan as plan_lib, report
-from wm.models import lstm, remat
+from wm.models import lstm, lstm_cell, remat
 
 TRANSFORMER_POLICIES = ("none", "dots", "dots_no_batch", "full",
                         "save:qkv", "save:attn_context", "save:attn_out", "save:mlp_hidden")
@@ -128,7 +128,7 @@ def test_device_peak_is_absent_on_cpu():
 def _chunked_lstm_temp(length: int, d: int = 8, batch: int = 2) -> int:
   """Compiled temp bytes of backpropagating through the LSTM's time scan alone, chunk = sqrt(T).
 
-  The model's own cell (wm.models.lstm.lstm_cell) and chunked scan
+  The model's own cell (wm.models.lstm_cell.lstm_cell) and chunked scan
   (wm.models.remat.chunked_time_scan). The per-step inputs x W_x + b are an
   argument and the loss reads only the final state, so temp holds what the
   time remat saves (one carry per chunk) and recomputes (one chunk's
@@ -137,7 +137,7 @@ def _chunked_lstm_temp(length: int, d: int = 8, batch: int = 2) -> int:
   chunk = remat.resolve_time_chunk(-1, length)
 
   def loss(w_h, h0, c0, x_proj):
-    (h, c), _ = remat.chunked_time_scan(functools.partial(lstm.lstm_cell, {"w_h": w_h}), (h0, c0), x_proj, chunk)
+    (h, c), _ = remat.chunked_time_scan(functools.partial(lstm_cell.lstm_cell, {"w_h": w_h}), (h0, c0), x_proj, chunk)
     return jnp.sum(h) + jnp.sum(c)
 
   args = (jax.ShapeDtypeStruct((d, 4 * d), jnp.float32), jax.ShapeDtypeStruct((batch, d), jnp.float32),
@@ -158,7 +158,7 @@ def test_lstm_time_remat_saved_bytes_grow_like_sqrt_t():
 def _unchunked_ratio() -> float:
   def temp(length, d=8, batch=2):
     def loss(w_h, h0, c0, x_proj):
-      (h, c), _ = remat.chunked_time_scan(functools.partial(lstm.lstm_cell, {"w_h": w_h}), (h0, c0), x_proj, 0)
+      (h, c), _ = remat.chunked_time_scan(functools.partial(lstm_cell.lstm_cell, {"w_h": w_h}), (h0, c0), x_proj, 0)
       return jnp.sum(h) + jnp.sum(c)
     args = (jax.ShapeDtypeStruct((d, 4 * d), jnp.float32), jax.ShapeDtypeStruct((batch, d), jnp.float32),
             jax.ShapeDtypeStruct((batch, d), jnp.float32), jax.ShapeDtypeStruct((length, batch, 4 * d), jnp.float32))

@@ -12,7 +12,7 @@ from flax import nnx
 import wm  # noqa: F401  (turns off eager sharding before any model is built)
 from wm.config import base_config
 from wm.models import layers as L
-from wm.models import lstm, remat, transformer
+from wm.models import lstm, lstm_cell, remat, transformer
 
 DTYPES = ["float32", "bfloat16"]
 # bfloat16 keeps 8 mantissa bits: ~0.4% relative error per rounding.
@@ -161,7 +161,7 @@ def test_lstm_layer_matches_textbook_equations(dtype):
     assert got.dtype == dt
     np.testing.assert_allclose(f64(got), want, **TOL[dtype])
   # The pure cell alone, one step.
-  (h1, c1), out = jit(lambda m, h, c, x: lstm.lstm_cell(m.cell_params(), (h, c), m.w_x(x)))(
+  (h1, c1), out = jit(lambda m, h, c, x: lstm_cell.lstm_cell(m.cell_params(), (h, c), m.w_x(x)))(
       layer, h0.astype(dt), c0.astype(dt), x[:, 0])
   _, ref_h1, ref_c1 = np_lstm(f64(x[:, :1]), f64(layer.w_x.kernel[...]), bias, f64(layer.w_h[...]), f64(h0), f64(c0))
   np.testing.assert_allclose(f64(h1), ref_h1, **TOL[dtype])
@@ -222,9 +222,9 @@ def test_lstm_hand_written_backward_equals_autodiff(dtype):
     f32 = lambda a: a.astype(jnp.float32)
     return jnp.sum(f32(ys) * dy) + jnp.sum(f32(h) * dh) + jnp.sum(f32(c) * dc)
 
-  autodiff = lambda w, carry, xp: jax.lax.scan(functools.partial(lstm.lstm_cell, {"w_h": w}), carry, xp)
+  autodiff = lambda w, carry, xp: jax.lax.scan(functools.partial(lstm_cell.lstm_cell, {"w_h": w}), carry, xp)
   grads = [jax.jit(jax.value_and_grad(functools.partial(loss, fn), argnums=(0, 1, 2, 3)),
-                   compiler_options=FAST)(w_h, h0, c0, x_proj) for fn in (lstm.lstm_sequence, autodiff)]
+                   compiler_options=FAST)(w_h, h0, c0, x_proj) for fn in (lstm_cell.lstm_sequence, autodiff)]
   (v_hand, g_hand), (v_auto, g_auto) = grads
   np.testing.assert_allclose(f64(v_hand), f64(v_auto), **TOL[dtype])
   for got, want in zip(g_hand, g_auto):
