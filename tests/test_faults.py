@@ -17,8 +17,10 @@ import subprocess
 import sys
 import time
 
+import grain
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from wm import __main__ as cli
@@ -133,6 +135,68 @@ def test_flipped_bytes_then_resume_is_bitwise_exact(data_root, reference_run, re
   assert_each_step_once(str(workdir), STEPS)
 
 
+POSITION = pathlib.Path(resume.DATA_ITERATOR) / "process_0-of-1.json"  # grain's file of this (the only) process
+
+
+def _to_old_layout(ckpt_dir: pathlib.Path, step: int, config) -> None:
+  """Rewrites checkpoint `step` as wm wrote it before the data position had its own Orbax item:
+  every process's iterator state in meta["data_iterator"], no data_iterator/ item."""
+  setup = step_lib.make_setup(config)
+  step_dir = ckpt_dir / str(step)
+  with ocp.CheckpointManager(str(ckpt_dir)) as manager:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(setup.abstract_state), meta=ocp.args.JsonRestore()))
+  position = json.loads((step_dir / POSITION).read_text())
+  shutil.rmtree(step_dir)
+  with ocp.CheckpointManager(str(ckpt_dir)) as manager:
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(restored["state"]),
+        meta=ocp.args.JsonSave(dict(restored["meta"], data_iterator=[position]))), force=True)
+    manager.wait_until_finished()
+  ckpt_lib.write_manifest(str(step_dir))
+
+
+def test_a_checkpoint_with_the_data_position_in_meta_still_resumes_bitwise(data_root, reference_run, reference,
+                                                                           tmp_path):
+  workdir = _stopped_at_25(reference_run, tmp_path)
+  ckpt_dir = workdir / "checkpoints"
+  _to_old_layout(ckpt_dir, 25, config_for(data_root))
+  assert not (ckpt_dir / "25" / resume.DATA_ITERATOR).exists()
+  result = train.train_and_evaluate(config_for(data_root), str(workdir))
+  assert result["step"] == STEPS
+  assert not (ckpt_dir / ckpt_lib.QUARANTINE).exists()  # resumed from step 25 itself
+  assert_bitwise(result["state"], reference)
+  assert (ckpt_dir / "30" / POSITION).exists()  # new saves write grain's item
+  assert_each_step_once(str(workdir), STEPS)
+
+
+@pytest.mark.parametrize("verified", [True, False], ids=["manifest", "no_manifest"])
+def test_a_damaged_data_position_is_quarantined_like_the_state(data_root, reference_run, tmp_path, verified, caplog):
+  workdir = _stopped_at_25(reference_run, tmp_path)
+  step_dir = workdir / "checkpoints" / "25"
+  (step_dir / POSITION).write_text("{not json")
+  if not verified:
+    (step_dir / ckpt_lib.MANIFEST).unlink()  # the checksums cannot catch it: the restore must
+  config = config_for(data_root)
+  setup = step_lib.make_setup(config)
+
+  def new_iterator():
+    return pipeline.make_iterator(config, "train", shuffle=True, num_epochs=None)
+
+  step, _, iterator = resume.restore_latest(config, setup, str(workdir / "checkpoints"), str(workdir),
+                                            workdir_lib.signature(config, setup.abstract_state, 1), True, new_iterator)
+  assert step == 20
+  assert os.listdir(workdir / "checkpoints" / ckpt_lib.QUARANTINE)[0].startswith("25-")
+  assert "checkpoint step 25" in caplog.text
+  assert (str(POSITION) if verified else "does not restore") in caplog.text
+  fresh = new_iterator()
+  for _ in range(20):
+    next(fresh)
+  want, got = next(fresh), next(iterator)  # the iterator is at step 20's data position
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k])
+
+
 def test_rotation_keeps_only_verified_checkpoints(reference_run):
   ckpt_dir = str(reference_run[0] / "checkpoints")
   assert ckpt_lib.steps(ckpt_dir) == [20, 25, 30]
@@ -144,14 +208,12 @@ def test_rotation_keeps_only_verified_checkpoints(reference_run):
 # Non-finite losses
 # ---------------------------------------------------------------------------
 
-class _Poisoned:
+class _Poisoned(grain.DatasetIterator):  # a grain iterator, as checkpoints save it with grain's handler
   """A train iterator whose batches at the given (1-based) steps carry NaN weights."""
 
   def __init__(self, inner, steps):
+    super().__init__(inner)
     self.inner, self.steps, self.count = inner, set(steps), 0
-
-  def __iter__(self):
-    return self
 
   def __next__(self):
     batch = dict(next(self.inner))
@@ -379,14 +441,12 @@ def test_sigterm_during_a_run_saves_that_step_and_exits_143(data_root, tmp_path)
   assert not (workdir / "lock").exists()
 
 
-class _Terminated:
+class _Terminated(grain.DatasetIterator):  # a grain iterator, as checkpoints save it with grain's handler
   """The train iterator, sending this process SIGTERM while it hands out the batch of step `at`."""
 
   def __init__(self, inner, at):
+    super().__init__(inner)
     self.inner, self.at, self.count = inner, at, 0
-
-  def __iter__(self):
-    return self
 
   def __next__(self):
     self.count += 1

@@ -19,7 +19,7 @@ from flax import nnx
 from wm import __main__ as cli
 from wm import checkpoints as ckpt_lib
 from wm import config as config_lib
-from wm import finetune, models
+from wm import finetune, models, resume
 from wm import step as step_lib
 from wm import train
 from wm import workdir as workdir_lib
@@ -297,6 +297,10 @@ def test_lora_finetune_from_a_pretrained_run(pretrained):
   # Export: adapters merged into the base give the fine-tuned model's evaluation as a plain model.
   out = str(root / "merged")
   assert cli.main(["export", "--workdir", lora_dir, "--out", out]) == 0
+  position = os.path.join("4", resume.DATA_ITERATOR, "process_0-of-1.json")  # carried over: DIR can resume training
+  with open(os.path.join(lora_dir, "checkpoints", position)) as a, open(os.path.join(out, "checkpoints", position)) as b:
+    assert a.read() == b.read()
+  assert ckpt_lib.verify(os.path.join(out, "checkpoints", "4")) is None
   merged_config = finetune.config_from_record(workdir_lib.read_saved_config(out))
   assert merged_config.model.lora_rank == 0
   merged = train.train_and_evaluate(merged_config, out)  # finished at step 4: evaluates the merged weights

@@ -4,7 +4,8 @@ Orbax writes a step into a temporary directory and renames it when complete,
 so a kill during a save leaves no half step behind; but it does not check the
 bytes of the array data when reading (a checkpoint with 64 flipped bytes
 restores without an error). So once a save has finished, process 0 records
-the size and SHA-256 of every file of that step in `<step>/wm_manifest.json`;
+the size and SHA-256 of every file of that step (train state, meta and every
+process's data-iterator file: wm.resume) in `<step>/wm_manifest.json`;
 a restore first checks them. The newest step that fails (corrupt, truncated,
 files missing, unreadable) is moved to `checkpoints/quarantine/` with a
 warning, and the previous one is tried. A step without a manifest (the run

@@ -17,7 +17,8 @@ the run starts exactly at the pretrained model.
 `export` merges a LoRA run's adapters into its base weights (layers.merge_lora:
 W <- W + (alpha / r) A B, Hu et al. 2021 sec. 4.1: no inference latency) and
 writes a workdir of the same model without adapters: config.json, and a
-checkpoint at the same step whose parameters are the merged weights. That
+checkpoint at the same step whose parameters are the merged weights (and whose
+data position is the LoRA run's, copied as saved: wm.resume.Position). That
 workdir serves `generate` and a later `init_from` like any other; resuming
 training in it trains every weight again, from a fresh optimizer state.
 """
@@ -35,6 +36,7 @@ from flax import nnx
 
 from wm import checkpoints as ckpt_lib
 from wm import config as config_lib
+from wm import resume
 from wm import step as step_lib
 from wm import workdir as workdir_lib
 from wm.models import layers
@@ -190,26 +192,28 @@ def export(workdir: str, out: str) -> dict[str, Any]:
   workdir_lib.check_path(out)
   step = latest_verified_step(workdir, "--workdir")
   setup = step_lib.make_setup(config)
+  position = resume.Position()  # the run's data position, carried over so that DIR can resume training
   with ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints"))) as manager:
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(setup.abstract_state), meta=ocp.args.JsonRestore()))
+    resume.restore_iterator(manager, step, restored["meta"], position)
   merged = merge_lora(setup, restored["state"])
 
   plain = base_config(config)
   plain_setup = step_lib.make_setup(plain, setup.mesh)
   state = _with_params(plain_setup, step_lib.init_state(plain_setup), merged)
   state = dict(state, step=restored["state"]["step"], rng=restored["state"]["rng"])
-  meta = dict(restored["meta"], step=step,
-              signature=workdir_lib.signature(plain, plain_setup.abstract_state, jax.process_count()))
+  meta = {k: v for k, v in restored["meta"].items() if k != resume.DATA_ITERATOR}  # an older step kept it here
+  meta.update(step=step, signature=workdir_lib.signature(plain, plain_setup.abstract_state, jax.process_count()))
   os.makedirs(out, exist_ok=True)
   line = dict(plain.to_dict(), exported_from={"workdir": os.path.abspath(workdir), "step": step,
                                              "lora_rank": config.model.lora_rank,
                                              "lora_alpha": config.model.lora_alpha})
   workdir_lib.record_config(out, line, None)
   ckpt_dir = os.path.join(out, "checkpoints")
-  with ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=ocp.CheckpointManagerOptions(create=True)) as manager:
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                 force=True)
+  with ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=ocp.CheckpointManagerOptions(create=True),
+                            item_handlers=resume.item_handlers()) as manager:
+    manager.save(step, args=resume.save_args(state, meta, position), force=True)
     manager.wait_until_finished()
   if jax.process_index() == 0:
     ckpt_lib.write_manifest(os.path.join(ckpt_dir, str(step)))

@@ -7,8 +7,10 @@ the tests and the experiments. A run leaves in `workdir`:
     config_history.jsonl the config of every later run that resumed here
     metrics.jsonl        one JSON object per logged step: {"step", "split", "loss", ...}
     tensorboard/         TensorBoard event files
-    checkpoints/         Orbax checkpoints: train state + data iterator state, each with
-                         a manifest of checksums (wm.checkpoints); quarantine/ holds bad ones
+    checkpoints/         Orbax checkpoints, one directory per step: state/ (train state),
+                         meta/ (step, signature) and data_iterator/ (each process's data
+                         position, by grain's Orbax handler; wm.resume), each step with a
+                         manifest of checksums (wm.checkpoints); quarantine/ holds bad ones
     lock                 while a run is using the workdir (wm.workdir)
 
 Running the same command again on the same workdir resumes from the latest
@@ -138,25 +140,30 @@ def _run(config, setup, workdir: str, plan_record: dict[str, Any], stop_after_st
   record = config.to_dict()
   if plan_record:
     record["memory_plan"] = plan_record
-  restored = resume.restore_latest(config, setup, ckpt_dir, workdir, signature, is_main)
-  train_iter = pipeline.make_iterator(config, "train", shuffle=True, num_epochs=None)
+
+  def new_iterator():
+    return pipeline.make_iterator(config, "train", shuffle=True, num_epochs=None)
+
+  restored = resume.restore_latest(config, setup, ckpt_dir, workdir, signature, is_main, new_iterator)
   if restored is not None:
-    start, state, meta = restored
-    pipeline.restore_iterator_state(train_iter, meta["data_iterator"][jax.process_index()])
+    start, state, train_iter = restored  # the iterator at the checkpoint's data position
     logging.info("resumed from %s at step %d", ckpt_dir, start)
-  elif config.train.init_from:
-    # init_step is None when this workdir had checkpoints that all failed to restore: check the source now.
-    init_step = finetune.check_init_from(config, setup, workdir) if init_step is None else init_step
-    start, state = 0, finetune.init_state(setup, config.train.init_from, init_step)
-    record["init_from_checkpoint"] = {"workdir": config.train.init_from, "step": init_step}
   else:
-    start, state = 0, step_lib.init_state(setup)
+    train_iter = new_iterator()
+    if config.train.init_from:
+      # init_step is None when this workdir had checkpoints that all failed to restore: check the source now.
+      init_step = finetune.check_init_from(config, setup, workdir) if init_step is None else init_step
+      start, state = 0, finetune.init_state(setup, config.train.init_from, init_step)
+      record["init_from_checkpoint"] = {"workdir": config.train.init_from, "step": init_step}
+    else:
+      start, state = 0, step_lib.init_state(setup)
   if is_main:  # the run is accepted: only now is anything in the workdir written
     workdir_lib.record_config(workdir, record, start if restored is not None else None)
     workdir_lib.cut_metrics(workdir, start if restored is not None else None)
 
   manager = ocp.CheckpointManager(os.path.abspath(ckpt_dir),
-                                  options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True))
+                                  options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True),
+                                  item_handlers=resume.item_handlers())
   saver = ckpt_lib.Saver(manager, ckpt_dir, config.train.max_to_keep, is_main, parallel.sync_processes)
   saver.last_good = start if restored is not None else None
   train_step = step_lib.make_train_step(setup)
@@ -177,10 +184,7 @@ def _loop(config, setup, workdir, state, start, train_iter, train_step, eval_ste
   last_eval: dict[str, Any] = {}
 
   def save(step: int) -> None:
-    saver.save(step, ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        meta=ocp.args.JsonSave({"step": step, "data_iterator": resume.gather_iterator_states(train_iter),
-                                "signature": signature})))
+    saver.save(step, resume.save_args(state, {"step": step, "signature": signature}, train_iter))
 
   if start >= total:
     # Finished already: train nothing, and return the evaluation logged at the end.

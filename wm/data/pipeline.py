@@ -3,7 +3,6 @@
     prepare(config)                       build local datasets that are missing
     make_iterator(config, split, ...)     per-process batches {inputs, targets, weights}
     examples(config, split), read_rows    random access, a list of rows read at once
-    save_iterator_state / restore_iterator_state   for Orbax `JsonSave` checkpoints
 
 Datasets by `config.data`:
 
@@ -390,7 +389,8 @@ def make_iterator(config: ml_collections.ConfigDict, split: str, *, shuffle: boo
   `targets` (int32[b, t]) and `weights` (float32[b, t]). The order is a
   function of (seed, process_index, process_count) alone; the union of the
   processes' batches at any step does not depend on process_count, and
-  `iterator.get_state()` / `set_state()` resume it exactly.
+  `iterator.get_state()` / `set_state()` resume it exactly (checkpoints save
+  it with grain's Orbax handler, `grain.checkpoint.CheckpointSave`: wm.resume).
 
   Args:
     config: a validated config.
@@ -447,18 +447,6 @@ def make_iterator(config: ml_collections.ConfigDict, split: str, *, shuffle: boo
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.worker_count))
   return iter(ds)
-
-
-def save_iterator_state(iterator: grain.DatasetIterator) -> dict[str, Any]:
-  """The iterator's position as a JSON-serialisable dict (for `ocp.args.JsonSave`)."""
-  state = iterator.get_state()
-  json.dumps(state)  # fail here, not inside Orbax, if grain ever returns something else
-  return state
-
-
-def restore_iterator_state(iterator: grain.DatasetIterator, state: dict[str, Any]) -> None:
-  """Moves a fresh iterator from `make_iterator` (same config and process) to a saved position."""
-  iterator.set_state(state)
 
 
 def bytes_per_token(config: ml_collections.ConfigDict) -> float | None:
