@@ -219,9 +219,13 @@ def _loop(config, setup, workdir, state, start, train_iter, train_step, eval_ste
       guard.check_previous()
       guard.pending = (step, metrics)
       window.append(metrics)
+      # Asked to stop (SIGTERM)? Decided before this step's line is written, so that the last train line of a
+      # preempted run carries the mark even when the stop falls on a logging step.
+      stopping = (step < total and (stop_after_step is None or step < stop_after_step)
+                  and watch.requested(step))
       if step % t.log_every == 0 or step == total:
         guard.check_previous()  # the means below read this step anyway
-        log_window(step)
+        log_window(step, **({"stopped": "preempted"} if stopping else {}))
         if bar is not None:
           bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
         window, t_window = [], time.perf_counter()
@@ -237,7 +241,7 @@ def _loop(config, setup, workdir, state, start, train_iter, train_step, eval_ste
         save(step)
       if stop_after_step is not None and step >= stop_after_step:
         break
-      if step < total and watch.requested(step):
+      if stopping:
         guard.check_previous()
         if not saved:
           save(step)
