@@ -221,8 +221,7 @@ class LSTMStack(nnx.Module):
       if i == 0:
         return self.first
       i -= 1
-    graphdef, state = nnx.split(self.stacked)
-    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i // self.share], state))
+    return sharing.layer_view(self.stacked, i, self.share)
 
   def state_amax(self, x: Float[Array, "b t d_in"]) -> dict[str, jax.Array]:
     """{"h", "c": [l, d]}: the bounds of the stored (h, c) over a forward pass of x from the zero state.

@@ -26,6 +26,12 @@ from flax import nnx
 from wm.models import remat as R
 
 
+def layer_view(stacked: nnx.Module, i: int, share: int) -> nnx.Module:
+  """Layer i of a stack as a standalone module: a view of weight set i // share of `stacked`."""
+  graphdef, state = nnx.split(stacked)
+  return nnx.merge(graphdef, jax.tree.map(lambda a: a[i // share], state))
+
+
 def apply_shared(body: Callable[..., tuple[Any, Any]], carry: Any, stacked: nnx.Module, xs: tuple, *, share: int,
                  remat_policy: str, tags: frozenset[str]) -> tuple[Any, Any]:
   """Applies `sets * share` layers in order; layer i uses weight set i // share of `stacked`.

@@ -281,8 +281,7 @@ class TransformerStack(nnx.Module):
 
   def layer(self, i: int) -> Block:
     """Layer i's block as a standalone module (a view of weight set i // share_layers)."""
-    graphdef, state = nnx.split(self.blocks)
-    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i // self.share], state))
+    return sharing.layer_view(self.blocks, i, self.share)
 
   def cache_slots(self, max_len: int) -> int:
     return min(self.window, max_len) if self.window else max_len
