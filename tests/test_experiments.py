@@ -301,3 +301,21 @@ def test_techniques_plot(tmp_path):
   assert row["int8 weights + int8 static KV"][7:9] == ["64.0 + 1.0 per model", "0.250"]
   assert row["QAT, int8 weights"][-1] == "1.010 |"
   assert "subword tokens (SentencePiece BPE, 1024) (0.410 tokens/byte, T=53)" in row
+
+
+def test_recall_recipe_preset_varies_the_quick_lstm_point_one_factor_at_a_time():
+  """The recipe preset's first point is the quick grid's T=64, d=128, lr 3e-3 LSTM point itself (same
+  config and resolved settings), and its other points differ from it only in layers and forget bias."""
+  exp = load("recall_vs_state")
+  quick = next(p for p in exp.quick_grid() if p.name == "T=64_lstm_d=128_lr=0.003")
+  recipe = exp.recipe_grid()
+  resolve = lambda p: config_lib.override(config_lib.load(p.config), p.overrides).to_dict()
+  assert resolve(recipe[0]) == resolve(quick)
+  assert {(p.overrides["model.layers"], p.overrides["model.forget_bias"]) for p in recipe} == {
+      (1, 3.0), (1, 1.0), (2, 3.0), (2, 1.0)}
+  base = {k: v for k, v in resolve(quick).items() if k != "model"}
+  for p in recipe[1:]:
+    resolved = resolve(p)
+    assert {k: v for k, v in resolved.items() if k != "model"} == base
+    changed = {k for k, v in resolved["model"].items() if v != resolve(quick)["model"][k]}
+    assert changed <= {"layers", "forget_bias"} and changed
